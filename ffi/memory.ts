@@ -26,7 +26,10 @@ export interface Mapping {
 
 /** memfd_create(name, MFD_CLOEXEC) sized to `size` bytes. */
 export function memfdCreate(name: string, size: number): number {
-  const fd = check("memfd_create", sys.memfd_create(new TextEncoder().encode(name + "\0"), MFD_CLOEXEC));
+  const fd = check(
+    "memfd_create",
+    sys.memfd_create(new TextEncoder().encode(name + "\0"), MFD_CLOEXEC),
+  );
   if (sys.ftruncate(fd, BigInt(size)) !== 0) {
     const e = errno();
     sys.close(fd);

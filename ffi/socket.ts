@@ -145,7 +145,13 @@ export function getSockOptInt(fd: number, opt: number): number {
   intOptLen[0] = 4;
   check(
     "getsockopt",
-    sys.getsockopt(fd, SOL_SOCKET, opt, new Uint8Array(intOpt.buffer), new Uint8Array(intOptLen.buffer)),
+    sys.getsockopt(
+      fd,
+      SOL_SOCKET,
+      opt,
+      new Uint8Array(intOpt.buffer),
+      new Uint8Array(intOptLen.buffer),
+    ),
   );
   return intOpt[0];
 }
@@ -245,7 +251,9 @@ export function recvWithFds(
     const level = dv.getInt32(off + 8, true);
     const type = dv.getInt32(off + 12, true);
     if (level === SOL_SOCKET && type === SCM_RIGHTS) {
-      for (let p = off + CMSG_HDR_LEN; p + 4 <= off + cmsgLen; p += 4) fds.push(dv.getInt32(p, true));
+      for (let p = off + CMSG_HDR_LEN; p + 4 <= off + cmsgLen; p += 4) {
+        fds.push(dv.getInt32(p, true));
+      }
     }
     off += cmsgSpace(cmsgLen - CMSG_HDR_LEN);
   }

@@ -171,3 +171,20 @@ Deno.test("poll, pipes, non-blocking toggles, fd counting, errors carry errno na
   assert.ok(ffi.cpuSeconds() >= 0);
   assert.ok(ffi.rssBytes() > 1 << 20);
 });
+
+Deno.test("pollFdsAsync waits on a helper thread while the event loop runs", async () => {
+  const efd = ffi.eventFd();
+  try {
+    let timerRan = false;
+    setTimeout(() => {
+      timerRan = true;
+      ffi.eventFdWrite(efd);
+    }, 10);
+    const rev = await ffi.pollFdsAsync([efd], [ffi.POLLIN], 2000);
+    assert.ok(timerRan, "the JS timer ran while poll was pending");
+    assert.equal(rev[0] & ffi.POLLIN, ffi.POLLIN);
+    assert.deepEqual(await ffi.pollFdsAsync([efd], [ffi.POLLOUT], 0), [ffi.POLLOUT]);
+  } finally {
+    ffi.close(efd);
+  }
+});

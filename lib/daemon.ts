@@ -1,0 +1,67 @@
+/**
+ * The reactor side of the daemon: builds one vsock device + vhost-user back end
+ * per configured VM on a single reactor and runs it until told to stop.
+ *
+ * Runs inside a Worker (see `worker.ts`): the thread blocks in epoll_wait, so it
+ * is stopped through its wakeup eventfd plus a shared stop flag, never through
+ * Deno's event loop.
+ */
+import type { DaemonConfig, VmConfig } from "./config.ts";
+import { log } from "./log.ts";
+import { Reactor } from "./reactor.ts";
+import { VhostUserBackend } from "./vhost_user/backend.ts";
+import { VsockDevice } from "./vsock/device.ts";
+
+export interface VmInstance {
+  readonly config: VmConfig;
+  readonly device: VsockDevice;
+  readonly backend: VhostUserBackend;
+}
+
+export class Daemon {
+  readonly reactor = new Reactor();
+  readonly vms: VmInstance[] = [];
+
+  constructor(readonly config: DaemonConfig) {}
+
+  /** Creates and starts listening for every VM; throws (with a clear message) on failure. */
+  start(): void {
+    for (const vm of this.config.vms) {
+      const device = new VsockDevice({
+        guestCid: vm.guestCid,
+        udsPath: vm.udsPath,
+        txBufferSize: vm.txBufferSize,
+        queueSize: vm.queueSize,
+        connectTimeoutMs: this.config.connectTimeoutMs,
+        maxConnections: this.config.maxConnections,
+      });
+      const backend = new VhostUserBackend(this.reactor, device, {
+        socketPath: vm.socket !== "" ? vm.socket : undefined,
+        listenFd: vm.socket === "" ? this.config.socketFd : undefined,
+      });
+      backend.listen();
+      this.vms.push({ config: vm, device, backend });
+    }
+  }
+
+  /** Runs the reactor until `stop()` (or `shouldStop()` turns true on a wakeup). */
+  run(shouldStop: () => boolean): void {
+    this.reactor.onWake(() => {
+      if (shouldStop()) this.reactor.stop();
+    });
+    this.reactor.run();
+  }
+
+  /** Closes every VM (host sockets, socket files) and the reactor. */
+  close(): void {
+    for (const vm of this.vms) {
+      try {
+        vm.backend.close();
+        vm.device.dispose();
+      } catch (e) {
+        log.warn(`shutdown of CID ${vm.config.guestCid}: ${e instanceof Error ? e.message : e}`);
+      }
+    }
+    this.reactor.close();
+  }
+}

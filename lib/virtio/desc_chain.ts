@@ -1,0 +1,224 @@
+/**
+ * A validated virtio descriptor chain, as guest-memory segments.
+ *
+ * A driver offers a buffer as a chain of descriptors (virtio 1.3, 2.7.5): first
+ * the device-readable ones (the request, e.g. a vsock header and payload), then
+ * the device-writable ones (room for the reply). `SplitQueue.pop` walks and
+ * validates a chain and stores it here as segments: (region index, offset in the
+ * region, length) triples, already split where a descriptor crosses from one
+ * memory region into the next, readable segments first. Every segment lies
+ * inside guest memory, so the copy helpers below and the iovecs they build never
+ * touch anything else.
+ *
+ * One `DescChain` is allocated up front (with a fixed segment capacity) and
+ * reused for every pop; nothing here allocates per packet, except `readInto` /
+ * `writeFrom` for copies longer than SMALL_COPY bytes (one subarray view each).
+ */
+
+import type { GuestMemory } from "./memory.ts";
+
+/** Copies up to this many bytes go byte by byte instead of through a subarray view. */
+const SMALL_COPY = 64;
+/** Region offsets below this are copied with int32 indices (faster element access). */
+const INT_INDEX_LIMIT = 0x7fff_0000;
+
+const TWO_POW_32 = 0x1_0000_0000;
+
+/** iovecs are written as u32 halves, which assumes a little-endian host (x86_64, aarch64). */
+const HOST_LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
+
+export class DescChain {
+  /** Maximum number of segments this chain can hold. */
+  readonly capacity: number;
+  /** Head descriptor index: the id to return in the used ring. */
+  head = 0;
+  /** Number of segments held. */
+  count = 0;
+  /** Segment i: index into `mem.regions`. */
+  readonly region: Int32Array;
+  /** Segment i: byte offset within its region. */
+  readonly offset: Float64Array;
+  /** Segment i: length in bytes (never 0). */
+  readonly len: Uint32Array;
+  /** Segments [0, readableCount) are device-readable; the rest are device-writable. */
+  readableCount = 0;
+  /** Total bytes of the readable segments. */
+  readableLen = 0;
+  /** Total bytes of the writable segments. */
+  writableLen = 0;
+  /** Descriptors walked to build this chain (including indirect table entries). */
+  descCount = 0;
+  /** Bytes covered by the iovecs of the last `hostIovecs` call. */
+  iovBytes = 0;
+  /** The memory the segments refer to (set by `reset`). */
+  mem: GuestMemory | null = null;
+
+  #iovWords: Uint32Array | null = null;
+  #iovSource: BigUint64Array | null = null;
+
+  constructor(capacity: number) {
+    if (!Number.isInteger(capacity) || capacity < 1) {
+      throw new RangeError(`DescChain capacity ${capacity} must be a positive integer`);
+    }
+    if (!HOST_LITTLE_ENDIAN) throw new Error("DescChain requires a little-endian host");
+    this.capacity = capacity;
+    this.region = new Int32Array(capacity);
+    this.offset = new Float64Array(capacity);
+    this.len = new Uint32Array(capacity);
+  }
+
+  /** Empties the chain for a new pop. */
+  reset(mem: GuestMemory, head: number): void {
+    this.mem = mem;
+    this.head = head;
+    this.count = 0;
+    this.readableCount = 0;
+    this.readableLen = 0;
+    this.writableLen = 0;
+    this.descCount = 0;
+  }
+
+  /** Number of writable segments. */
+  get writableCount(): number {
+    return this.count - this.readableCount;
+  }
+
+  /** Guest-physical address of segment i. */
+  gpaOf(i: number): number {
+    return this.#memory().regions[this.region[i]].gpa + this.offset[i];
+  }
+
+  /**
+   * Copies readable bytes, starting `skip` bytes into the readable part, into
+   * `dst` (as many as fit). Returns the number of bytes copied.
+   */
+  readInto(dst: Uint8Array, skip: number): number {
+    const regions = this.#memory().regions;
+    const want = dst.length;
+    let done = 0;
+    for (let i = 0; i < this.readableCount && done < want; i++) {
+      const segLen = this.len[i];
+      if (skip >= segLen) {
+        skip -= segLen;
+        continue;
+      }
+      const n = Math.min(segLen - skip, want - done);
+      const src = regions[this.region[i]].bytes;
+      const from = this.offset[i] + skip;
+      if (n <= SMALL_COPY && from < INT_INDEX_LIMIT) {
+        const delta = (from | 0) - done; // small integer indices keep the loop on the fast path
+        for (let k = done, end = done + n; k < end; k++) dst[k] = src[k + delta];
+      } else {
+        dst.set(src.subarray(from, from + n), done);
+      }
+      done += n;
+      skip = 0;
+    }
+    return done;
+  }
+
+  /**
+   * Copies `src` into the writable part, starting `skip` bytes into it (as much
+   * as fits), and marks the written guest ranges dirty. Returns bytes written.
+   */
+  writeFrom(src: Uint8Array, skip: number): number {
+    const mem = this.#memory();
+    const regions = mem.regions;
+    const want = src.length;
+    let done = 0;
+    for (let i = this.readableCount; i < this.count && done < want; i++) {
+      const segLen = this.len[i];
+      if (skip >= segLen) {
+        skip -= segLen;
+        continue;
+      }
+      const n = Math.min(segLen - skip, want - done);
+      const r = regions[this.region[i]];
+      const to = this.offset[i] + skip;
+      if (n <= SMALL_COPY && to < INT_INDEX_LIMIT) {
+        const dst = r.bytes;
+        const delta = (to | 0) - done;
+        for (let k = done, end = done + n; k < end; k++) dst[k + delta] = src[k];
+      } else {
+        r.bytes.set(src.subarray(done, done + n), to);
+      }
+      mem.markDirty(r.gpa + to, n);
+      done += n;
+      skip = 0;
+    }
+    return done;
+  }
+
+  /**
+   * Marks dirty the writable bytes [skip, skip+n) of the chain: call it after
+   * something other than `writeFrom` (e.g. readv into `hostIovecs`) filled them.
+   */
+  markWritten(skip: number, n: number): void {
+    const mem = this.#memory();
+    const regions = mem.regions;
+    for (let i = this.readableCount; i < this.count && n > 0; i++) {
+      const segLen = this.len[i];
+      if (skip >= segLen) {
+        skip -= segLen;
+        continue;
+      }
+      const m = Math.min(segLen - skip, n);
+      mem.markDirty(regions[this.region[i]].gpa + this.offset[i] + skip, m);
+      n -= m;
+      skip = 0;
+    }
+  }
+
+  /**
+   * Fills `out` with (iov_base, iov_len) pairs for readv/writev over the
+   * readable (`writable` false) or writable part, starting `skip` bytes into it
+   * and covering at most `maxBytes`. Stops early when `out` is full. Returns the
+   * number of iovecs; `iovBytes` receives the bytes they cover. `out` is written
+   * through a cached 32-bit view (little-endian host), so no BigInt is created.
+   */
+  hostIovecs(
+    mem: GuestMemory,
+    out: BigUint64Array,
+    skip: number,
+    maxBytes: number,
+    writable: boolean,
+  ): number {
+    let words = this.#iovWords;
+    if (this.#iovSource !== out || words === null) {
+      words = new Uint32Array(out.buffer, out.byteOffset, out.length * 2);
+      this.#iovWords = words;
+      this.#iovSource = out;
+    }
+    const regions = mem.regions;
+    const maxIov = out.length >>> 1;
+    const first = writable ? this.readableCount : 0;
+    const last = writable ? this.count : this.readableCount;
+    let iov = 0;
+    let bytes = 0;
+    for (let i = first; i < last && bytes < maxBytes && iov < maxIov; i++) {
+      const segLen = this.len[i];
+      if (skip >= segLen) {
+        skip -= segLen;
+        continue;
+      }
+      const n = Math.min(segLen - skip, maxBytes - bytes);
+      const base = regions[this.region[i]].hostAddr + this.offset[i] + skip;
+      const w = iov * 4;
+      words[w] = base % TWO_POW_32;
+      words[w + 1] = Math.floor(base / TWO_POW_32);
+      words[w + 2] = n;
+      words[w + 3] = 0;
+      bytes += n;
+      iov++;
+      skip = 0;
+    }
+    this.iovBytes = bytes;
+    return iov;
+  }
+
+  #memory(): GuestMemory {
+    const mem = this.mem;
+    if (mem === null) throw new Error("DescChain used before any pop");
+    return mem;
+  }
+}

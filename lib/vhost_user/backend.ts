@@ -371,6 +371,7 @@ export class VhostUserBackend {
         v.addrFlags = a.flags;
         v.logGuestAddr = a.logGuestAddr;
         v.hasAddr = true;
+        this.device.queueConfigured?.(v.index);
         if (v.stoppedAddr !== null && v.stoppedAddr !== v.addrKey()) {
           this.#driverResetSuspected = true;
         }

@@ -51,6 +51,8 @@ export interface VirtioDevice {
   queueActive(q: ActiveQueue): void;
   /** queue `index` stopped or was disabled: the device must not touch it any more */
   queueInactive(index: number): void;
+  /** the front end set up queue `index` (SET_VRING_ADDR): it hands that queue to us */
+  queueConfigured?(index: number): void;
   /** an active queue's kick fd fired */
   queueKicked(index: number): void;
   /** every queue is inactive and the device must forget its guest-facing state */

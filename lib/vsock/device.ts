@@ -84,6 +84,7 @@ import {
 import { HostListener } from "./host_listener.ts";
 import { PacketHeader, validateHeader } from "./packet.ts";
 import { ConnectionTable } from "./connection_table.ts";
+import { decodeSnapshot, encodeSnapshot } from "../snapshot/format.ts";
 
 export interface VsockDeviceOptions {
   guestCid: number;
@@ -149,6 +150,10 @@ export class VsockDevice implements VirtioDevice {
   transportResetPending = false;
   /** host/sibling traffic is held until the driver has (re)read the config */
   activated = true;
+  /** the front end configured the event queue: we deliver TRANSPORT_RESET ourselves */
+  eventQueueOwned = false;
+  /** guest ports host apps reached (listeners the driver keeps across a transport reset) */
+  readonly guestListenerPorts = new Set<number>();
   readonly stats = { txPackets: 0, rxPackets: 0, txBytes: 0, rxBytes: 0, resets: 0, badChains: 0 };
 
   constructor(readonly options: VsockDeviceOptions) {
@@ -187,7 +192,7 @@ export class VsockDevice implements VirtioDevice {
     if (offset < 0 || size < 0 || offset + size > VIRTIO_VSOCK_CONFIG_SIZE) return null;
     const cfg = new Uint8Array(VIRTIO_VSOCK_CONFIG_SIZE);
     new DataView(cfg.buffer).setUint32(0, this.options.guestCid, true);
-    if (!this.activated && offset + size > 0) this.#activate("the driver read the config space");
+    if (!this.activated) this.#configRead();
     return cfg.slice(offset, offset + size);
   }
 
@@ -201,6 +206,13 @@ export class VsockDevice implements VirtioDevice {
     if (index === VSOCK_VQ_RX) this.#flush(this.#rx), this.#rx = null;
     else if (index === VSOCK_VQ_TX) this.#flush(this.#tx), this.#tx = null;
     else if (index === VSOCK_VQ_EVENT) this.#flush(this.#evt), this.#evt = null;
+  }
+
+  queueConfigured(index: number): void {
+    if (index === VSOCK_VQ_EVENT && !this.eventQueueOwned) {
+      this.eventQueueOwned = true;
+      log.debug("vsock: the front end hands us the event queue");
+    }
   }
 
   queueKicked(index: number): void {
@@ -217,6 +229,12 @@ export class VsockDevice implements VirtioDevice {
     this.#orphanResets.length = 0;
     this.#rx = this.#tx = this.#evt = null;
     this.#ackedFeatures = 0n;
+    this.transportResetPending = false;
+    this.activated = true;
+    if (reason !== "driver-reset") {
+      this.eventQueueOwned = false;
+      this.guestListenerPorts.clear();
+    }
     if (n > 0) log.info(`vsock: device reset (${reason}): closed ${n} host connections`);
   }
 
@@ -428,6 +446,7 @@ export class VsockDevice implements VirtioDevice {
       return;
     }
     this.#watchHost(c);
+    this.guestListenerPorts.add(c.peerPort);
     log.info(`vsock: established ${c.describe()}`);
     if (c.hasRxWork()) this.#scheduleRx(c);
   }
@@ -841,10 +860,69 @@ export class VsockDevice implements VirtioDevice {
 
   // --- event queue / activation (snapshot restore) ---------------------------------------------
 
-  #activate(why: string): void {
+  /**
+   * The driver read the config space while host traffic is held after a load.
+   * When we own the event queue, a read before the TRANSPORT_RESET event was
+   * delivered is the driver's stale pre-snapshot read (the race rust-vmm's PR
+   * admitted): it does not count. The read that follows the event is the
+   * driver re-reading its CID after dropping its connections: traffic may flow.
+   * When the front end keeps the event queue (QEMU), the first read counts.
+   */
+  #configRead(): void {
+    if (this.eventQueueOwned && this.transportResetPending) {
+      log.info("vsock: config read before the transport reset was delivered; traffic still held");
+      return;
+    }
     this.activated = true;
-    log.info(`vsock: device active: ${why}; host traffic flows`);
+    log.info("vsock: the driver re-read the config after the restore; host traffic flows");
     this.#rxNeedsRun = true;
+  }
+
+  saveState(): Uint8Array {
+    const conns = [...this.#conns.all()].map((c) => ({
+      localPort: c.localPort,
+      peerPort: c.peerPort,
+      hostInitiated: c.hostInitiated,
+    }));
+    return encodeSnapshot({
+      guestCid: this.options.guestCid,
+      features: this.#ackedFeatures.toString(16),
+      guestListenerPorts: [...this.guestListenerPorts],
+      connections: conns,
+      transportResetPending: this.transportResetPending,
+      activated: this.activated,
+      savedAt: new Date().toISOString(),
+    });
+  }
+
+  /**
+   * Loads a saved state (rings stopped). Connections do not survive: the driver
+   * drops its own on TRANSPORT_RESET, so ours are reset on the host side too.
+   * Host traffic is held until the driver has re-read the config.
+   */
+  loadState(bytes: Uint8Array): void {
+    const s = decodeSnapshot(bytes);
+    // Connections the guest knew are gone after its reset; host connects still waiting to be
+    // offered to the guest (REQUEST not sent yet) are held, not dropped.
+    let open = 0;
+    for (const c of [...this.#conns.all()]) {
+      if (c.state === ConnState.CONNECTING && (c.pending & Pending.REQUEST) !== 0) continue;
+      this.#destroy(c, false);
+      open++;
+    }
+    this.#orphanResets.length = 0;
+    if (s.guestCid !== this.options.guestCid) {
+      log.info(
+        `vsock: restored state was CID ${s.guestCid}; this device is CID ${this.options.guestCid}`,
+      );
+    }
+    for (const p of s.guestListenerPorts) this.guestListenerPorts.add(p);
+    this.transportResetPending = true;
+    this.activated = false;
+    log.info(
+      `vsock: state loaded (saved ${s.savedAt}, ${s.connections.length} connections then, ` +
+        `${open} host connections closed now); TRANSPORT_RESET owed, host traffic held`,
+    );
   }
 
   /** Sends VIRTIO_VSOCK_EVENT_TRANSPORT_RESET if one is owed and the event queue is ours. */
@@ -869,6 +947,8 @@ export class VsockDevice implements VirtioDevice {
     q.pushUsed(chain.head, 4);
     this.#publish(q, evt.notifier);
     this.transportResetPending = false;
-    log.info("vsock: TRANSPORT_RESET event sent to the driver");
+    log.info(
+      "vsock: TRANSPORT_RESET event sent to the driver; waiting for it to re-read the config",
+    );
   }
 }

@@ -25,9 +25,12 @@ import {
   EAGAIN,
   EPOLLIN,
   eventFdRead,
+  getSockOptInt,
   listenUnix,
   mapShared,
   sendWithFds,
+  setNonBlocking,
+  SO_ACCEPTCONN,
 } from "../../ffi/mod.ts";
 import { log } from "../log.ts";
 import type { Reactor } from "../reactor.ts";
@@ -107,7 +110,15 @@ export class VhostUserBackend {
   /** Starts listening. */
   listen(): void {
     if (this.options.listenFd !== undefined) {
-      this.#listenFd = this.options.listenFd;
+      const fd = this.options.listenFd;
+      setNonBlocking(fd, true);
+      if (getSockOptInt(fd, SO_ACCEPTCONN) === 0) {
+        // An already-connected front end (the vhost-user-gpu style of --fd).
+        this.#adopt(fd);
+        log.info(`vhost-user: ${this.device.name} serving the front end connected on fd ${fd}`);
+        return;
+      }
+      this.#listenFd = fd;
     } else if (this.options.socketPath !== undefined) {
       this.#listenFd = listenUnix(this.options.socketPath, { backlog: 4 });
     } else {
@@ -164,12 +175,16 @@ export class VhostUserBackend {
         close(fd);
         continue;
       }
-      this.#connFd = fd;
-      this.connections++;
-      this.#reader = new MessageReader(fd);
-      this.reactor.addFd(fd, EPOLLIN, () => this.#readMessages());
-      log.info(`vhost-user: front end connected (${this.device.name})`);
+      this.#adopt(fd);
     }
+  }
+
+  #adopt(fd: number): void {
+    this.#connFd = fd;
+    this.connections++;
+    this.#reader = new MessageReader(fd);
+    this.reactor.addFd(fd, EPOLLIN, () => this.#readMessages());
+    log.info(`vhost-user: front end connected (${this.device.name})`);
   }
 
   #readMessages(): void {

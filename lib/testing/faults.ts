@@ -1,0 +1,293 @@
+/**
+ * Fault injection for race and robustness tests of a vhost-user vsock back end. Each hook
+ * reproduces something a real VMM or guest may do, or a malicious one would:
+ *
+ * - `bootKickBeforeEnable`: the guest posts buffers and kicks after SET_VRING_KICK but before
+ *   SET_VRING_ENABLE (seed 003: the kick must be remembered, not dropped);
+ * - `stopRings` / `restartRings`: GET_VRING_BASE on every ring mid-transfer, then
+ *   SET_VRING_BASE / SET_VRING_ADDR / SET_VRING_KICK at the same addresses (no guest memory
+ *   may be touched in between; queued work must resume without a new kick);
+ * - `starveRx` / `refillRx`: the guest stops re-posting rx buffers, then adds them back,
+ *   optionally without a kick, like a guest that saw notifications off (seed 001: the device
+ *   must re-check the avail index after enabling notifications);
+ * - `writeRawChain` and the `malformed*` builders: descriptor chains a Linux guest never
+ *   writes (addresses outside RAM or >= 2^53, loops, nested or empty indirect tables,
+ *   wrong-direction buffers);
+ * - `sendRawPacket` / `sendPacketAt`: arbitrary headers (spoofed src_cid, unknown type or op,
+ *   len larger than the payload) and packets laid out across adjacent RAM regions;
+ * - `disconnect` / `reconnect`: the VMM's vhost-user connection drops and comes back.
+ */
+
+import {
+  VRING_DESC_F_INDIRECT,
+  VRING_DESC_F_NEXT,
+  VRING_DESC_F_WRITE,
+  VRING_DESC_SIZE,
+} from "../virtio/split_layout.ts";
+import {
+  VIRTIO_VSOCK_HDR_SIZE,
+  VIRTIO_VSOCK_OP_RW,
+  VIRTIO_VSOCK_TYPE_STREAM,
+  VSOCK_HOST_CID,
+  VSOCK_VQ_TX,
+} from "../vsock/constants.ts";
+import { PacketHeader } from "../vsock/packet.ts";
+import { type FrontEndOptions, VhostUserFrontEnd } from "./front_end.ts";
+import { type RawDescriptor, VsockGuest, type VsockGuestOptions } from "./guest_driver.ts";
+
+/** Header fields for `sendRawPacket`; anything omitted takes the default noted. */
+export interface RawHeaderFields {
+  /** default: the guest's CID */
+  readonly srcCid?: number;
+  /** upper half of src_cid (default 0) */
+  readonly srcCidHi?: number;
+  /** default 2 (host) */
+  readonly dstCid?: number;
+  readonly dstCidHi?: number;
+  /** default 0 */
+  readonly srcPort?: number;
+  /** default 0 */
+  readonly dstPort?: number;
+  /** default: the payload length (see `keepLen`) */
+  readonly len?: number;
+  /** default STREAM */
+  readonly type?: number;
+  /** default RW */
+  readonly op?: number;
+  readonly flags?: number;
+  /** default 256 KiB */
+  readonly bufAlloc?: number;
+  readonly fwdCnt?: number;
+}
+
+/** Builds a header from `fields` with the defaults of `RawHeaderFields`. */
+export function rawHeader(
+  guest: VsockGuest,
+  fields: RawHeaderFields,
+  payloadLen = 0,
+): PacketHeader {
+  const h = new PacketHeader();
+  h.srcCid = fields.srcCid ?? guest.guestCid;
+  h.srcCidHi = fields.srcCidHi ?? 0;
+  h.dstCid = fields.dstCid ?? VSOCK_HOST_CID;
+  h.dstCidHi = fields.dstCidHi ?? 0;
+  h.srcPort = fields.srcPort ?? 0;
+  h.dstPort = fields.dstPort ?? 0;
+  h.len = fields.len ?? payloadLen;
+  h.type = fields.type ?? VIRTIO_VSOCK_TYPE_STREAM;
+  h.op = fields.op ?? VIRTIO_VSOCK_OP_RW;
+  h.flags = fields.flags ?? 0;
+  h.bufAlloc = fields.bufAlloc ?? 256 * 1024;
+  h.fwdCnt = fields.fwdCnt ?? 0;
+  return h;
+}
+
+/** Fault hooks bound to one guest (and its current front end). */
+export class Faults {
+  constructor(readonly guest: VsockGuest) {}
+
+  /**
+   * Boots a guest whose driver posts its rx/event buffers and kicks between SET_VRING_KICK
+   * and SET_VRING_ENABLE.
+   */
+  static bootKickBeforeEnable(
+    frontEnd: VhostUserFrontEnd,
+    opts: VsockGuestOptions = {},
+  ): Promise<VsockGuest> {
+    return VsockGuest.boot(frontEnd, { ...opts, kickBeforeEnable: true });
+  }
+
+  /** GET_VRING_BASE on every back-end ring (nothing else); returns the bases. */
+  stopRings(): number[] {
+    this.guest.pump();
+    return this.guest.frontEnd.stopRings();
+  }
+
+  /**
+   * SET_VRING_BASE / SET_VRING_ADDR / SET_VRING_KICK at the same addresses (bases from
+   * `stopRings` unless given). No kick follows unless `kick` (the back end must resume queued
+   * work by itself).
+   */
+  restartRings(opts: { bases?: readonly number[]; kick?: boolean } = {}): void {
+    const fe = this.guest.frontEnd;
+    fe.restartRings(opts.bases);
+    if (opts.kick) { for (let i = 0; i < fe.backendQueueCount; i++) this.guest.kickQueue(i); }
+    this.guest.pump();
+  }
+
+  /** Stops re-posting rx buffers (the device runs out of them as packets arrive). */
+  starveRx(): void {
+    this.guest.setRxStarved(true);
+  }
+
+  /**
+   * Resumes re-posting and posts every free rx buffer now; `kick: false` publishes them
+   * without notifying (a guest that saw notifications disabled). Returns buffers added.
+   */
+  refillRx(opts: { kick?: boolean } = {}): number {
+    this.guest.setRxStarved(false);
+    return this.guest.refillRx(opts);
+  }
+
+  /** Puts raw descriptors on a queue (see `VsockGuest.addRawChain`); returns the head. */
+  writeRawChain(
+    queue: number,
+    descs: readonly RawDescriptor[],
+    opts: { kick?: boolean } = {},
+  ): number {
+    return this.guest.addRawChain(queue, descs, opts);
+  }
+
+  /**
+   * Overwrites descriptor `index` of `queue`'s table verbatim, e.g. to corrupt a buffer the
+   * driver already posted (the driver's own bookkeeping is not changed).
+   */
+  writeRawDescriptor(queue: number, index: number, desc: RawDescriptor): void {
+    const next = desc.nextRaw ?? desc.next ?? 0;
+    this.guest.queue(queue).writeDesc(index, desc.addr, desc.len, desc.flags, next);
+  }
+
+  /** Allocates `size` bytes of guest RAM (zeroed) for raw chains and tables. */
+  allocGuest(size: number, align = 16, region?: number): number {
+    return this.guest.memory.alloc(size, align, region);
+  }
+
+  /** Writes descriptors (16 bytes each) at `gpa`, e.g. an indirect table. */
+  writeDescTable(gpa: number, descs: readonly RawDescriptor[]): void {
+    const bytes = new Uint8Array(descs.length * VRING_DESC_SIZE);
+    const v = new DataView(bytes.buffer);
+    descs.forEach((d, i) => {
+      const a = BigInt.asUintN(64, BigInt(d.addr));
+      const o = i * VRING_DESC_SIZE;
+      v.setUint32(o, Number(a & 0xffff_ffffn), true);
+      v.setUint32(o + 4, Number(a >> 32n), true);
+      v.setUint32(o + 8, d.len >>> 0, true);
+      v.setUint16(o + 12, d.flags & 0xffff, true);
+      v.setUint16(
+        o + 14,
+        (d.nextRaw ?? d.next ?? (i + 1 < descs.length ? i + 1 : 0)) & 0xffff,
+        true,
+      );
+    });
+    this.guest.memory.write(gpa, bytes);
+  }
+
+  /** A tx chain whose header descriptor points at `addr` (default: far outside RAM). */
+  malformedOutOfRange(addr: number | bigint = 2n ** 60n): number {
+    return this.writeRawChain(VSOCK_VQ_TX, [{ addr, len: VIRTIO_VSOCK_HDR_SIZE, flags: 0 }]);
+  }
+
+  /** A tx chain of two descriptors pointing at each other (a loop). */
+  malformedLoop(): number {
+    const hdr = this.#validHeaderBuffer();
+    return this.writeRawChain(VSOCK_VQ_TX, [
+      { addr: hdr, len: VIRTIO_VSOCK_HDR_SIZE, flags: VRING_DESC_F_NEXT, next: 1 },
+      { addr: hdr, len: VIRTIO_VSOCK_HDR_SIZE, flags: VRING_DESC_F_NEXT, next: 0 },
+    ]);
+  }
+
+  /** A tx chain whose indirect table holds another INDIRECT descriptor (forbidden). */
+  malformedNestedIndirect(): number {
+    const hdr = this.#validHeaderBuffer();
+    const inner = this.allocGuest(VRING_DESC_SIZE);
+    this.writeDescTable(inner, [{ addr: hdr, len: VIRTIO_VSOCK_HDR_SIZE, flags: 0 }]);
+    const outer = this.allocGuest(VRING_DESC_SIZE);
+    this.writeDescTable(outer, [{
+      addr: inner,
+      len: VRING_DESC_SIZE,
+      flags: VRING_DESC_F_INDIRECT,
+    }]);
+    return this.writeRawChain(VSOCK_VQ_TX, [
+      { addr: outer, len: VRING_DESC_SIZE, flags: VRING_DESC_F_INDIRECT },
+    ]);
+  }
+
+  /** A tx chain with an indirect table of length 0. */
+  malformedEmptyIndirect(): number {
+    const table = this.allocGuest(VRING_DESC_SIZE);
+    return this.writeRawChain(VSOCK_VQ_TX, [{ addr: table, len: 0, flags: VRING_DESC_F_INDIRECT }]);
+  }
+
+  /** A tx chain whose only descriptor is device-writable (wrong direction for tx). */
+  malformedWriteOnlyTx(): number {
+    const hdr = this.#validHeaderBuffer();
+    return this.writeRawChain(VSOCK_VQ_TX, [{
+      addr: hdr,
+      len: VIRTIO_VSOCK_HDR_SIZE,
+      flags: VRING_DESC_F_WRITE,
+    }]);
+  }
+
+  /** A guest buffer holding a plausible header (RW to the host, len 0). */
+  #validHeaderBuffer(): number {
+    const gpa = this.allocGuest(64);
+    const h = rawHeader(this.guest, { dstPort: 1, srcPort: 1 });
+    const b = new Uint8Array(VIRTIO_VSOCK_HDR_SIZE);
+    h.encodeTo(new DataView(b.buffer), 0);
+    this.guest.memory.write(gpa, b);
+    return gpa;
+  }
+
+  /**
+   * Sends one packet with arbitrary header fields through the normal tx path (no credit or
+   * connection bookkeeping). With `keepLen` the header's `len` is `fields.len` even when it
+   * differs from the payload actually chained.
+   */
+  sendRawPacket(
+    fields: RawHeaderFields,
+    payload?: Uint8Array,
+    opts: { keepLen?: boolean } = {},
+  ): void {
+    const p = payload ?? new Uint8Array(0);
+    this.guest.sendRawPacket(rawHeader(this.guest, fields, p.length), p, {
+      keepLen: opts.keepLen ?? fields.len !== undefined,
+    });
+  }
+
+  /**
+   * Sends a packet whose header and payload live at chosen guest addresses (e.g. a payload
+   * straddling two adjacent RAM regions): the bytes are written there and a two-descriptor
+   * chain (one if no payload) is put on the tx queue. Returns the head (see `rawUsed`).
+   */
+  sendPacketAt(
+    fields: RawHeaderFields,
+    payload: Uint8Array,
+    at: { headerGpa: number; payloadGpa?: number },
+  ): number {
+    const h = rawHeader(this.guest, fields, payload.length);
+    const hb = new Uint8Array(VIRTIO_VSOCK_HDR_SIZE);
+    h.encodeTo(new DataView(hb.buffer), 0);
+    this.guest.memory.write(at.headerGpa, hb);
+    if (payload.length === 0) {
+      return this.writeRawChain(VSOCK_VQ_TX, [{ addr: at.headerGpa, len: hb.length, flags: 0 }]);
+    }
+    const pg = at.payloadGpa ?? at.headerGpa + VIRTIO_VSOCK_HDR_SIZE;
+    this.guest.memory.write(pg, payload);
+    return this.writeRawChain(VSOCK_VQ_TX, [
+      { addr: at.headerGpa, len: hb.length, flags: VRING_DESC_F_NEXT },
+      { addr: pg, len: payload.length, flags: 0 },
+    ]);
+  }
+
+  /** Drops the vhost-user connection (the guest RAM stays). */
+  disconnect(): void {
+    this.guest.frontEnd.close({ keepMemory: true });
+  }
+
+  /**
+   * Connects a new front end to the same socket with the same options and guest RAM, runs
+   * its realize sequence and re-attaches the guest (`VsockGuest.attach`). Returns it.
+   */
+  async reconnect(opts: Partial<FrontEndOptions> = {}): Promise<VhostUserFrontEnd> {
+    const old = this.guest.frontEnd;
+    if (!old.closed) old.close({ keepMemory: true });
+    const fe = await VhostUserFrontEnd.connect(old.socketPath, {
+      ...old.options,
+      ...opts,
+      memory: this.guest.memory,
+    });
+    if (old.ownsMemory) fe.takeMemoryOwnership();
+    this.guest.attach(fe);
+    return fe;
+  }
+}

@@ -164,7 +164,8 @@ Deno.test("poll, pipes, non-blocking toggles, fd counting, errors carry errno na
     ffi.close(r);
     ffi.close(w);
   }
-  assert.equal(ffi.isOpen(r), false);
+  // (not asserting isOpen(r) === false: under `deno test --parallel` another test in this
+  // process may already own the recycled fd number)
   const err = new ffi.SysError("read", ffi.EBADF, "fd 999");
   assert.equal(err.code, "EBADF");
   assert.match(err.message, /read fd 999: EBADF/);

@@ -11,6 +11,7 @@ import { log } from "./log.ts";
 import { Reactor } from "./reactor.ts";
 import { VhostUserBackend } from "./vhost_user/backend.ts";
 import { VsockDevice } from "./vsock/device.ts";
+import { SiblingHub } from "./vsock/sibling_hub.ts";
 
 export interface VmInstance {
   readonly config: VmConfig;
@@ -21,6 +22,8 @@ export interface VmInstance {
 export class Daemon {
   readonly reactor = new Reactor();
   readonly vms: VmInstance[] = [];
+  /** switch between the VMs of this daemon that share a group */
+  readonly siblings = new SiblingHub();
 
   constructor(readonly config: DaemonConfig) {}
 
@@ -34,6 +37,8 @@ export class Daemon {
         queueSize: vm.queueSize,
         connectTimeoutMs: this.config.connectTimeoutMs,
         maxConnections: this.config.maxConnections,
+        groups: vm.groups,
+        hub: this.siblings,
       });
       const backend = new VhostUserBackend(this.reactor, device, {
         socketPath: vm.socket !== "" ? vm.socket : undefined,

@@ -85,6 +85,13 @@ import { HostListener } from "./host_listener.ts";
 import { PacketHeader, validateHeader } from "./packet.ts";
 import { ConnectionTable } from "./connection_table.ts";
 import { decodeSnapshot, encodeSnapshot } from "../snapshot/format.ts";
+import {
+  MAX_SIBLING_QUEUE_BYTES,
+  MAX_SIBLING_QUEUE_PACKETS,
+  type SiblingEndpoint,
+  SiblingHub,
+  type SiblingPacket,
+} from "./sibling_hub.ts";
 
 export interface VsockDeviceOptions {
   guestCid: number;
@@ -96,6 +103,10 @@ export interface VsockDeviceOptions {
   queueSize: number;
   connectTimeoutMs: number;
   maxConnections: number;
+  /** sibling groups (`--groups`); VMs of one daemon sharing a group reach each other */
+  groups?: readonly string[];
+  /** the daemon's switch between sibling VMs */
+  hub?: SiblingHub;
 }
 
 /** Chains handled per queue visit before yielding to other fds. */
@@ -113,7 +124,7 @@ interface OrphanReset {
   type: number;
 }
 
-export class VsockDevice implements VirtioDevice {
+export class VsockDevice implements VirtioDevice, SiblingEndpoint {
   readonly name: string;
   readonly maxQueues = 3;
   readonly maxQueueSize: number;
@@ -138,6 +149,12 @@ export class VsockDevice implements VirtioDevice {
   #rxQueue: VsockConnection[] = [];
   #rxHead = 0;
   readonly #orphanResets: OrphanReset[] = [];
+  /** packets from sibling VMs waiting for this guest's RX buffers */
+  #siblingIn: SiblingPacket[] = [];
+  #siblingHead = 0;
+  #siblingBytes = 0;
+  /** alternates RX turns between sibling packets and host connections */
+  #siblingTurn = false;
   #rxNeedsRun = false;
   #txNeedsRun = false;
   #rxSignal = false;
@@ -167,6 +184,10 @@ export class VsockDevice implements VirtioDevice {
     return this.options.guestCid;
   }
 
+  get groups(): readonly string[] {
+    return this.options.groups ?? [];
+  }
+
   get connectionCount(): number {
     return this.#conns.size;
   }
@@ -182,6 +203,7 @@ export class VsockDevice implements VirtioDevice {
       this.options.maxConnections,
     );
     this.#host.listen();
+    this.options.hub?.register(this);
   }
 
   setFeatures(acked: bigint): void {
@@ -227,6 +249,7 @@ export class VsockDevice implements VirtioDevice {
     this.#rxQueue = [];
     this.#rxHead = 0;
     this.#orphanResets.length = 0;
+    this.#clearSiblingQueue();
     this.#rx = this.#tx = this.#evt = null;
     this.#ackedFeatures = 0n;
     this.transportResetPending = false;
@@ -241,6 +264,7 @@ export class VsockDevice implements VirtioDevice {
   dispose(): void {
     this.reset("front-end-disconnected");
     this.#host?.close();
+    this.options.hub?.unregister(this);
   }
 
   // --- scheduling ------------------------------------------------------------------------
@@ -353,8 +377,7 @@ export class VsockDevice implements VirtioDevice {
       return;
     }
     if (h.dstCid !== VSOCK_HOST_CID) {
-      if (log.debugOn) log.debug(`vsock: packet for unknown CID ${h.dstCid}; RST`);
-      if (h.op !== VIRTIO_VSOCK_OP_RST) this.#orphanReset(h);
+      this.#toSibling(h, chain);
       return;
     }
     const c = this.#conns.get(h.dstPort, h.srcPort);
@@ -619,7 +642,10 @@ export class VsockDevice implements VirtioDevice {
     const q = rx.queue;
     const chain = this.#rxChain;
     let produced = 0;
-    while (this.#orphanResets.length > 0 || this.#rxHead < this.#rxQueue.length) {
+    while (
+      this.#orphanResets.length > 0 || this.#rxHead < this.#rxQueue.length ||
+      this.#siblingHead < this.#siblingIn.length
+    ) {
       if (produced >= MAX_CHAINS_PER_VISIT) {
         this.#rxNeedsRun = true;
         this.#reactor.wake();
@@ -686,6 +712,12 @@ export class VsockDevice implements VirtioDevice {
       );
       return VIRTIO_VSOCK_HDR_SIZE;
     }
+    const siblings = this.#siblingHead < this.#siblingIn.length;
+    if (siblings && (this.#siblingTurn || this.#rxHead >= this.#rxQueue.length)) {
+      this.#siblingTurn = false;
+      return this.#fillFromSibling(chain);
+    }
+    this.#siblingTurn = siblings;
     while (this.#rxHead < this.#rxQueue.length) {
       const c = this.#rxQueue[this.#rxHead++];
       c.inRxQueue = false;
@@ -696,7 +728,7 @@ export class VsockDevice implements VirtioDevice {
       }
       if (len >= 0) return len;
     }
-    return -1;
+    return siblings ? this.#fillFromSibling(chain) : -1;
   }
 
   #fillFromConn(c: VsockConnection, chain: DescChain): number {
@@ -856,6 +888,80 @@ export class VsockDevice implements VirtioDevice {
       type: h.type,
     });
     this.#rxNeedsRun = true;
+  }
+
+  // --- sibling VMs ---------------------------------------------------------------------------
+
+  /** A guest packet for another CID: switch it to a sibling sharing a group, or RST. */
+  #toSibling(h: PacketHeader, chain: DescChain): void {
+    const to = this.options.hub?.route(this, h.dstCid);
+    if (to === undefined) {
+      if (log.debugOn) {
+        log.debug(`vsock: packet for CID ${h.dstCid} (no sibling in our groups); RST`);
+      }
+      if (h.op !== VIRTIO_VSOCK_OP_RST) this.#orphanReset(h);
+      return;
+    }
+    let payload: Uint8Array | null = null;
+    if (h.len > 0) {
+      payload = new Uint8Array(h.len);
+      chain.readInto(payload, VIRTIO_VSOCK_HDR_SIZE);
+    }
+    if (!to.acceptFromSibling(SiblingHub.packet(h, payload))) {
+      log.warn(`vsock: CID ${h.dstCid} is not taking packets (queue full); RST to the sender`);
+      if (h.op !== VIRTIO_VSOCK_OP_RST) this.#orphanReset(h);
+    }
+  }
+
+  acceptFromSibling(p: SiblingPacket): boolean {
+    const size = VIRTIO_VSOCK_HDR_SIZE + (p.payload?.length ?? 0);
+    const queued = this.#siblingIn.length - this.#siblingHead;
+    if (
+      queued >= MAX_SIBLING_QUEUE_PACKETS || this.#siblingBytes + size > MAX_SIBLING_QUEUE_BYTES
+    ) {
+      return false;
+    }
+    this.#siblingIn.push(p);
+    this.#siblingBytes += size;
+    this.#rxNeedsRun = true;
+    return true;
+  }
+
+  /** Delivers (part of) the next sibling packet; an RW larger than the buffer is split. */
+  #fillFromSibling(chain: DescChain): number {
+    const p = this.#siblingIn[this.#siblingHead];
+    const total = p.payload?.length ?? 0;
+    const n = Math.min(total - p.offset, chain.writableLen - VIRTIO_VSOCK_HDR_SIZE);
+    if (total > 0 && n <= 0) return -1;
+    if (n > 0) chain.writeFrom(p.payload!.subarray(p.offset, p.offset + n), VIRTIO_VSOCK_HDR_SIZE);
+    const h = this.#hdr;
+    h.reset();
+    h.srcCid = p.srcCid;
+    h.dstCid = this.options.guestCid;
+    h.srcPort = p.srcPort;
+    h.dstPort = p.dstPort;
+    h.len = n;
+    h.type = p.type;
+    h.op = p.op;
+    h.flags = p.flags;
+    h.bufAlloc = p.bufAlloc;
+    h.fwdCnt = p.fwdCnt;
+    h.encodeTo(this.#hdrView, 0);
+    chain.writeFrom(this.#hdrBytes, 0);
+    this.stats.rxPackets++;
+    p.offset += n;
+    if (p.offset >= total) {
+      this.#siblingBytes -= VIRTIO_VSOCK_HDR_SIZE + total;
+      this.#siblingIn[this.#siblingHead++] = undefined as unknown as SiblingPacket;
+      if (this.#siblingHead === this.#siblingIn.length) this.#clearSiblingQueue();
+    }
+    return VIRTIO_VSOCK_HDR_SIZE + n;
+  }
+
+  #clearSiblingQueue(): void {
+    this.#siblingIn = [];
+    this.#siblingHead = 0;
+    this.#siblingBytes = 0;
   }
 
   // --- event queue / activation (snapshot restore) ---------------------------------------------

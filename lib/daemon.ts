@@ -20,10 +20,10 @@ export interface VmInstance {
 }
 
 export class Daemon {
-  readonly reactor = new Reactor();
+  readonly reactor: Reactor = new Reactor();
   readonly vms: VmInstance[] = [];
   /** switch between the VMs of this daemon that share a group */
-  readonly siblings = new SiblingHub();
+  readonly siblings: SiblingHub = new SiblingHub();
 
   constructor(readonly config: DaemonConfig) {}
 

@@ -10,7 +10,7 @@ export type LogLevel = typeof LOG_LEVELS[number];
 
 const encoder = new TextEncoder();
 
-class Logger {
+export class Logger {
   #threshold = 2; // info
   #prefix = "";
 
@@ -62,4 +62,4 @@ class Logger {
 }
 
 /** The process-wide (per-thread) logger. */
-export const log = new Logger();
+export const log: Logger = new Logger();

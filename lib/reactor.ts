@@ -48,7 +48,7 @@ export class Reactor {
   #timerSeq = 0;
   #armedDeadline = Infinity;
   /** write 1 to this eventfd (from any thread) to make `run` return to its caller's check */
-  readonly wakeFd = eventFd();
+  readonly wakeFd: number = eventFd();
   readonly #wakeHandlers: (() => void)[] = [];
   readonly #batchEnd = new Set<() => void>();
   #stopped = false;

@@ -82,7 +82,7 @@ export interface BackendOptions {
 class RequestError extends Error {}
 
 export class VhostUserBackend {
-  readonly memory = new MappedGuestMemory();
+  readonly memory: MappedGuestMemory = new MappedGuestMemory();
   readonly vrings: Vring[];
   #listenFd = -1;
   #connFd = -1;

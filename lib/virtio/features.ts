@@ -46,20 +46,20 @@ export function featureMask(bit: number): bigint {
   return 1n << BigInt(bit);
 }
 
-export const VIRTIO_F_NOTIFY_ON_EMPTY_MASK = featureMask(VIRTIO_F_NOTIFY_ON_EMPTY);
-export const VIRTIO_F_ANY_LAYOUT_MASK = featureMask(VIRTIO_F_ANY_LAYOUT);
-export const VIRTIO_RING_F_INDIRECT_DESC_MASK = featureMask(VIRTIO_RING_F_INDIRECT_DESC);
-export const VIRTIO_RING_F_EVENT_IDX_MASK = featureMask(VIRTIO_RING_F_EVENT_IDX);
-export const VIRTIO_F_VERSION_1_MASK = featureMask(VIRTIO_F_VERSION_1);
-export const VIRTIO_F_ACCESS_PLATFORM_MASK = featureMask(VIRTIO_F_ACCESS_PLATFORM);
-export const VIRTIO_F_RING_PACKED_MASK = featureMask(VIRTIO_F_RING_PACKED);
-export const VIRTIO_F_IN_ORDER_MASK = featureMask(VIRTIO_F_IN_ORDER);
-export const VIRTIO_F_ORDER_PLATFORM_MASK = featureMask(VIRTIO_F_ORDER_PLATFORM);
-export const VIRTIO_F_SR_IOV_MASK = featureMask(VIRTIO_F_SR_IOV);
-export const VIRTIO_F_NOTIFICATION_DATA_MASK = featureMask(VIRTIO_F_NOTIFICATION_DATA);
-export const VIRTIO_F_NOTIF_CONFIG_DATA_MASK = featureMask(VIRTIO_F_NOTIF_CONFIG_DATA);
-export const VIRTIO_F_RING_RESET_MASK = featureMask(VIRTIO_F_RING_RESET);
-export const VIRTIO_F_ADMIN_VQ_MASK = featureMask(VIRTIO_F_ADMIN_VQ);
+export const VIRTIO_F_NOTIFY_ON_EMPTY_MASK: bigint = featureMask(VIRTIO_F_NOTIFY_ON_EMPTY);
+export const VIRTIO_F_ANY_LAYOUT_MASK: bigint = featureMask(VIRTIO_F_ANY_LAYOUT);
+export const VIRTIO_RING_F_INDIRECT_DESC_MASK: bigint = featureMask(VIRTIO_RING_F_INDIRECT_DESC);
+export const VIRTIO_RING_F_EVENT_IDX_MASK: bigint = featureMask(VIRTIO_RING_F_EVENT_IDX);
+export const VIRTIO_F_VERSION_1_MASK: bigint = featureMask(VIRTIO_F_VERSION_1);
+export const VIRTIO_F_ACCESS_PLATFORM_MASK: bigint = featureMask(VIRTIO_F_ACCESS_PLATFORM);
+export const VIRTIO_F_RING_PACKED_MASK: bigint = featureMask(VIRTIO_F_RING_PACKED);
+export const VIRTIO_F_IN_ORDER_MASK: bigint = featureMask(VIRTIO_F_IN_ORDER);
+export const VIRTIO_F_ORDER_PLATFORM_MASK: bigint = featureMask(VIRTIO_F_ORDER_PLATFORM);
+export const VIRTIO_F_SR_IOV_MASK: bigint = featureMask(VIRTIO_F_SR_IOV);
+export const VIRTIO_F_NOTIFICATION_DATA_MASK: bigint = featureMask(VIRTIO_F_NOTIFICATION_DATA);
+export const VIRTIO_F_NOTIF_CONFIG_DATA_MASK: bigint = featureMask(VIRTIO_F_NOTIF_CONFIG_DATA);
+export const VIRTIO_F_RING_RESET_MASK: bigint = featureMask(VIRTIO_F_RING_RESET);
+export const VIRTIO_F_ADMIN_VQ_MASK: bigint = featureMask(VIRTIO_F_ADMIN_VQ);
 
 /** Spec names of the bits above, for logs. */
 export const VIRTIO_FEATURE_NAMES: ReadonlyMap<number, string> = new Map([

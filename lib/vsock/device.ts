@@ -116,6 +116,16 @@ const MAX_IOV = 64;
 /** Standalone RSTs (for packets that match no connection) owed to the guest, at most. */
 const MAX_PENDING_RESETS = 1024;
 
+/** Counters for logs and tests. */
+export interface DeviceStats {
+  txPackets: number;
+  rxPackets: number;
+  txBytes: number;
+  rxBytes: number;
+  resets: number;
+  badChains: number;
+}
+
 /** A reply owed for a packet that matched no connection. */
 interface OrphanReset {
   localPort: number;
@@ -128,10 +138,10 @@ export class VsockDevice implements VirtioDevice, SiblingEndpoint {
   readonly name: string;
   readonly maxQueues = 3;
   readonly maxQueueSize: number;
-  readonly features = VIRTIO_F_VERSION_1_MASK | VIRTIO_RING_F_EVENT_IDX_MASK |
+  readonly features: bigint = VIRTIO_F_VERSION_1_MASK | VIRTIO_RING_F_EVENT_IDX_MASK |
     VIRTIO_RING_F_INDIRECT_DESC_MASK | VIRTIO_F_NOTIFY_ON_EMPTY_MASK |
     featureMask(VIRTIO_VSOCK_F_STREAM);
-  readonly protocolFeatures = PF.CONFIG | PF.DEVICE_STATE;
+  readonly protocolFeatures: bigint = PF.CONFIG | PF.DEVICE_STATE;
 
   #reactor!: Reactor;
   readonly #conns = new ConnectionTable();
@@ -170,8 +180,15 @@ export class VsockDevice implements VirtioDevice, SiblingEndpoint {
   /** the front end configured the event queue: we deliver TRANSPORT_RESET ourselves */
   eventQueueOwned = false;
   /** guest ports host apps reached (listeners the driver keeps across a transport reset) */
-  readonly guestListenerPorts = new Set<number>();
-  readonly stats = { txPackets: 0, rxPackets: 0, txBytes: 0, rxBytes: 0, resets: 0, badChains: 0 };
+  readonly guestListenerPorts: Set<number> = new Set<number>();
+  readonly stats: DeviceStats = {
+    txPackets: 0,
+    rxPackets: 0,
+    txBytes: 0,
+    rxBytes: 0,
+    resets: 0,
+    badChains: 0,
+  };
 
   constructor(readonly options: VsockDeviceOptions) {
     this.name = `vsock(cid ${options.guestCid})`;

@@ -59,6 +59,9 @@ export class VsockConnection {
   hostEof = false;
   /** shutdown(SHUT_WR) was done on the host socket */
   hostWriteShut = false;
+  /** the guest closed (SHUTDOWN both) while bytes for the host were still queued: finish
+   * delivering them, then close and RST */
+  closeWhenFlushed = false;
   /** queued in the RX scheduler */
   inRxQueue = false;
   /** connect timeout (host-initiated) */

@@ -113,6 +113,11 @@ export interface VsockDeviceOptions {
 const MAX_CHAINS_PER_VISIT = 1024;
 /** Most iovecs one packet's payload may use. */
 const MAX_IOV = 64;
+/**
+ * How long a connection the guest closed may keep draining queued bytes into a slow host
+ * app; longer than Linux's VSOCK_CLOSE_TIMEOUT (8 s), after which the guest resets anyway.
+ */
+const CLOSE_DRAIN_TIMEOUT_MS = 10_000;
 /** Standalone RSTs (for packets that match no connection) owed to the guest, at most. */
 const MAX_PENDING_RESETS = 1024;
 
@@ -534,7 +539,7 @@ export class VsockDevice implements VirtioDevice, SiblingEndpoint {
   /** `n` bytes reached the host app: credit goes back to the guest. */
   #forwarded(c: VsockConnection, n: number): void {
     c.credit.onForwarded(n);
-    if (c.credit.needsCreditUpdate()) {
+    if (!c.closeWhenFlushed && c.credit.needsCreditUpdate()) {
       c.pending |= Pending.CREDIT_UPDATE;
       this.#scheduleRx(c);
     }
@@ -555,6 +560,10 @@ export class VsockDevice implements VirtioDevice, SiblingEndpoint {
       this.#forwarded(c, n);
     }
     c.toHost.clear();
+    if (c.closeWhenFlushed) {
+      this.#resetConn(c);
+      return;
+    }
     this.#maybeShutHostWrite(c);
   }
 
@@ -562,9 +571,25 @@ export class VsockDevice implements VirtioDevice, SiblingEndpoint {
     c.guestShutdown |= flags & VIRTIO_VSOCK_SHUTDOWN_F_BOTH;
     if (log.debugOn) log.debug(`vsock: guest shutdown flags ${flags} on ${c.describe()}`);
     if ((c.guestShutdown & VIRTIO_VSOCK_SHUTDOWN_F_BOTH) === VIRTIO_VSOCK_SHUTDOWN_F_BOTH) {
-      // The guest is closing: hand over what it sent, then close and confirm with RST.
+      // The guest is closing: hand over everything it sent, then close and confirm with
+      // RST. If the host app is slow, wait for the socket to drain (the guest waits for our
+      // RST up to its close timeout, 8 s on Linux, then resets the connection itself).
       this.#flushToHost(c);
-      if (c.state !== ConnState.CLOSED) this.#resetConn(c);
+      if (c.state === ConnState.CLOSED) return;
+      if (c.toHost.length === 0) {
+        this.#resetConn(c);
+      } else if (!c.closeWhenFlushed) {
+        c.closeWhenFlushed = true;
+        c.timer?.cancel();
+        c.timer = this.#reactor.setTimer(CLOSE_DRAIN_TIMEOUT_MS, () => {
+          c.timer = null;
+          log.warn(
+            `vsock: host app of ${c.describe()} did not take ${c.toHost.length} bytes within ` +
+              `${CLOSE_DRAIN_TIMEOUT_MS} ms of the guest closing; resetting`,
+          );
+          this.#resetConn(c);
+        });
+      }
       return;
     }
     this.#maybeShutHostWrite(c);

@@ -233,7 +233,7 @@ export class GuestVM {
       ...["-m", `${memMiB}M`, "-nodefaults", "-no-user-config", "-display", "none"],
       ...["-serial", "stdio", "-monitor", "none", "-no-reboot"],
       ...["-kernel", image.kernel, "-initrd", image.initrd],
-      ...["-append", `console=ttyS0 quiet panic=-1 ${opts.kernelArgs ?? ""}`.trim()],
+      ...["-append", `console=ttyS0 quiet panic=-1 no_timer_check ${opts.kernelArgs ?? ""}`.trim()],
     ];
     if (opts.vhostSocket) {
       args.push(

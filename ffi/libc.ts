@@ -63,6 +63,8 @@ export const libc = Deno.dlopen(
 
     // int memfd_create(const char *name, unsigned int flags);
     memfd_create: { parameters: ["buffer", "u32"], result: "i32" },
+    // off_t lseek(int fd, off_t offset, int whence);
+    lseek: { parameters: ["i32", "i64", "i32"], result: "i64" },
     // int ftruncate(int fd, off_t length);
     ftruncate: { parameters: ["i32", "i64"], result: "i32" },
     // void *mmap(void *addr, size_t length, int prot, int flags, int fd, off_t offset);

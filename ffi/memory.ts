@@ -50,6 +50,17 @@ export function mapShared(fd: number, size: number, offset = 0): Mapping {
   return { ptr, addr, size, bytes };
 }
 
+const SEEK_END = 2;
+
+/**
+ * The size of the file behind `fd` (lseek SEEK_END), or -1 when it has none (a pipe, a
+ * socket). Mapping past it "succeeds" but the first access raises SIGBUS.
+ */
+export function fdSize(fd: number): number {
+  const n = sys.lseek(fd, 0n, SEEK_END);
+  return n < 0n ? -1 : Number(n);
+}
+
 /** munmap(2). */
 export function unmap(m: Mapping): void {
   sys.munmap(m.ptr, BigInt(m.size));

@@ -42,6 +42,11 @@ export interface VsockSnapshot {
   transportResetPending: boolean;
   /** the device had not been activated yet (the driver had not read the config) */
   activated: boolean;
+  /**
+   * the saving front end had handed the event queue to the back end (crosvm); false when
+   * the VMM keeps it (QEMU). Absent in states written before this field existed.
+   */
+  eventQueueOwned?: boolean;
   savedAt: string;
 }
 
@@ -131,5 +136,8 @@ function validate(x: unknown): VsockSnapshot {
   if (typeof o.transportResetPending !== "boolean") fail("transportResetPending is not a boolean");
   if (typeof o.activated !== "boolean") fail("activated is not a boolean");
   if (typeof o.savedAt !== "string") fail("savedAt is not a string");
+  if (o.eventQueueOwned !== undefined && typeof o.eventQueueOwned !== "boolean") {
+    fail("eventQueueOwned is not a boolean");
+  }
   return o as unknown as VsockSnapshot;
 }

@@ -41,7 +41,7 @@ import {
   VIRTIO_RING_F_INDIRECT_DESC_MASK,
 } from "../virtio/features.ts";
 import type { VirtioDevice } from "./device.ts";
-import { MappedGuestMemory } from "./guest_memory.ts";
+import { checkBacked, MappedGuestMemory } from "./guest_memory.ts";
 import { MessageReader, type RawMessage } from "./message_reader.ts";
 import {
   CodecError,
@@ -55,6 +55,7 @@ import {
   featureMask,
   requestName,
   VHOST_F_LOG_ALL,
+  VHOST_USER_DEVICE_STATE_NOFD_MASK,
   VHOST_USER_F_PROTOCOL_FEATURES,
   VHOST_USER_MAX_RAM_SLOTS,
   VHOST_USER_NEED_REPLY_MASK,
@@ -267,8 +268,33 @@ export class VhostUserBackend {
     } finally {
       for (const fd of msg.fds) close(fd); // handlers take the fds they keep (set to -1)
     }
+    if (!replied && !ok) replied = this.#replyFailure(msg.request);
     if (!replied && this.#replyAck && (msg.flags & VHOST_USER_NEED_REPLY_MASK) !== 0) {
       this.#replyU64(msg.request, ok ? 0 : 1);
+    }
+  }
+
+  /**
+   * A request whose reply the protocol makes mandatory failed: answer it anyway, with a
+   * failure of the reply's own shape, so the front end does not wait forever.
+   */
+  #replyFailure(request: number): boolean {
+    switch (request) {
+      case R.SET_DEVICE_STATE_FD:
+        this.#replyU64(request, 1 | VHOST_USER_DEVICE_STATE_NOFD_MASK);
+        return true;
+      case R.CHECK_DEVICE_STATE:
+        this.#replyU64(request, 1);
+        return true;
+      case R.SET_LOG_BASE:
+        if ((this.#ackedProtocol & PF.LOG_SHMFD) === 0n) return false;
+        this.#replyU64(request, 1);
+        return true;
+      case R.GET_CONFIG:
+        this.#send(encodeConfigReply(null));
+        return true;
+      default:
+        return false;
     }
   }
 
@@ -353,6 +379,7 @@ export class VhostUserBackend {
         if (p.kind !== "log") throw new RequestError("bad payload");
         const fd = this.#takeFd(msg);
         try {
+          checkBacked(fd, p.value.mmapOffset, p.value.mmapSize, "dirty log");
           this.memory.setLog(mapShared(fd, p.value.mmapSize, p.value.mmapOffset));
         } finally {
           close(fd);

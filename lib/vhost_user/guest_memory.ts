@@ -13,7 +13,7 @@
  * page % 8`), every device write to guest memory sets the bits of the pages it
  * touched, while logging is switched on by the negotiated features.
  */
-import { close, type Mapping, mapShared, unmap } from "../../ffi/mod.ts";
+import { close, fdSize, type Mapping, mapShared, unmap } from "../../ffi/mod.ts";
 import type { GuestMemory, MemRegion } from "../virtio/memory.ts";
 
 /** Dirty log granularity of vhost: 4 KiB pages. */
@@ -49,6 +49,7 @@ export class MappedGuestMemory implements GuestMemory {
           );
         }
       }
+      checkBacked(fd, desc.mmapOffset, desc.size, "memory region");
       const mapping = mapShared(fd, desc.size, desc.mmapOffset);
       this.#regions.push({
         gpa: desc.guestAddr,
@@ -126,5 +127,13 @@ export class MappedGuestMemory implements GuestMemory {
       if (byte >= log.length) return; // beyond the log the front end sized: nothing to mark
       log[byte] |= 1 << (page & 7);
     }
+  }
+}
+
+/** Throws unless `fd` backs [offset, offset+size) (touching beyond its end is a SIGBUS). */
+export function checkBacked(fd: number, offset: number, size: number, what: string): void {
+  const have = fdSize(fd);
+  if (have >= 0 && offset + size > have) {
+    throw new Error(`${what}: the fd holds ${have} bytes, ${offset + size} needed`);
   }
 }

@@ -1039,6 +1039,7 @@ export class VsockDevice implements VirtioDevice, SiblingEndpoint {
       connections: conns,
       transportResetPending: this.transportResetPending,
       activated: this.activated,
+      eventQueueOwned: this.eventQueueOwned,
       savedAt: new Date().toISOString(),
     });
   }
@@ -1066,10 +1067,16 @@ export class VsockDevice implements VirtioDevice, SiblingEndpoint {
     }
     for (const p of s.guestListenerPorts) this.guestListenerPorts.add(p);
     this.transportResetPending = true;
-    this.activated = false;
+    // A VMM that keeps the event queue (QEMU) sends TRANSPORT_RESET itself and answers the
+    // driver's config reads from its own cache: nothing the driver does is visible here, so
+    // holding traffic would hold it forever. Hold only when the event queue is ours.
+    this.activated = s.eventQueueOwned === false;
     log.info(
       `vsock: state loaded (saved ${s.savedAt}, ${s.connections.length} connections then, ` +
-        `${open} host connections closed now); TRANSPORT_RESET owed, host traffic held`,
+        `${open} host connections closed now); TRANSPORT_RESET owed, host traffic ` +
+        (this.activated
+          ? "flows (the VMM keeps the event queue)"
+          : "held until the config is re-read"),
     );
   }
 

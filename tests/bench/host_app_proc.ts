@@ -1,0 +1,531 @@
+/**
+ * The benchmark's host application: a child process doing plain AF_UNIX socket I/O with
+ * blocking read(2)/write(2) through the project's FFI (no Deno streams, no per-byte JS work),
+ * controlled by the bench over JSON lines (control.ts).
+ *
+ * The same code serves both sides of the comparison: against the back end's hybrid socket
+ * (`CONNECT <port>\n` to `--uds-path`, or a listener at `<uds-path>_<port>`), and against another
+ * instance of itself for the raw AF_UNIX baselines. Single streams block; the many-connection
+ * commands use one epoll loop over non-blocking sockets.
+ *
+ * Commands: sink, source, echo, pingpong, manyListen, manyOpen, manyTransfer, manyClose, stats.
+ */
+import {
+  acceptRaw,
+  close,
+  connectUnix,
+  cpuSeconds,
+  EAGAIN,
+  Epoll,
+  EPOLLERR,
+  EPOLLHUP,
+  EPOLLIN,
+  EPOLLOUT,
+  listenUnix,
+  readRaw,
+  setNonBlocking,
+  SHUT_WR,
+  shutdownRaw,
+  writeRaw,
+} from "../../ffi/mod.ts";
+import { type Command, type EmitFn, sendLine, serveCommands } from "./control.ts";
+import {
+  chunkAt,
+  makePattern,
+  MAX_CHUNK,
+  parseStreamHeader,
+  shiftOf,
+  STREAM_HEADER_SIZE,
+  StreamChecker,
+  streamHeader,
+  type VerifyMode,
+} from "./pattern.ts";
+
+const pattern = makePattern();
+const readBuf = new Uint8Array(MAX_CHUNK);
+const enc = new TextEncoder();
+
+/** Epoch milliseconds with sub-ms resolution, comparable across the bench processes. */
+function now(): number {
+  return performance.timeOrigin + performance.now();
+}
+
+function fail(what: string, neg: number): never {
+  throw new Error(`${what}: errno ${-neg}`);
+}
+
+/** Writes all of `buf` to blocking `fd`. */
+function writeFully(fd: number, buf: Uint8Array): void {
+  let off = 0;
+  while (off < buf.length) {
+    const n = writeRaw(fd, buf.subarray(off), buf.length - off);
+    if (n < 0) fail("write", n);
+    off += n;
+  }
+}
+
+/** Reads one line ("...\n") byte by byte from blocking `fd`; null at EOF. */
+function readLine(fd: number): string | null {
+  const one = new Uint8Array(1);
+  let line = "";
+  for (;;) {
+    const n = readRaw(fd, one, 1);
+    if (n === 0) return null;
+    if (n < 0) fail("read", n);
+    if (one[0] === 0x0a) return line;
+    line += String.fromCharCode(one[0]);
+    if (line.length > 64) throw new Error(`reply line too long: ${line}`);
+  }
+}
+
+/**
+ * Connects to `path` (blocking); with `hybridPort` speaks the hybrid vsock handshake
+ * (`CONNECT <port>\n`, then `OK <host-port>\n` once the guest accepted).
+ */
+function connectTo(path: string, hybridPort: number | null): number {
+  const fd = connectUnix(path, { nonblocking: false });
+  if (hybridPort !== null) {
+    writeFully(fd, enc.encode(`CONNECT ${hybridPort}\n`));
+    const line = readLine(fd);
+    if (line === null || !line.startsWith("OK ")) {
+      close(fd);
+      throw new Error(`CONNECT ${hybridPort}: ${line === null ? "closed" : line}`);
+    }
+  }
+  return fd;
+}
+
+/** Reads until EOF or an error (the peer's close), discarding. */
+function drainToEof(fd: number): void {
+  for (;;) {
+    const n = readRaw(fd, readBuf, 65536);
+    if (n <= 0) return;
+  }
+}
+
+const listeners = new Map<string, number>();
+
+function listenerFor(path: string, blocking: boolean): number {
+  let fd = listeners.get(path);
+  if (fd === undefined) {
+    fd = listenUnix(path, { backlog: 4096, nonblocking: !blocking });
+    listeners.set(path, fd);
+  }
+  return fd;
+}
+
+function closeListener(path: string): void {
+  const fd = listeners.get(path);
+  if (fd === undefined) return;
+  close(fd);
+  listeners.delete(path);
+  try {
+    Deno.removeSync(path);
+  } catch { /* gone */ }
+}
+
+/**
+ * sink {listenPath, readSize, verify}: listen, accept one connection, read it to EOF with
+ * `readSize`-byte reads, check by `verify`, close.
+ */
+function sink(msg: Command, emit: EmitFn) {
+  const path = String(msg.listenPath);
+  const readSize = Math.min(Number(msg.readSize), MAX_CHUNK);
+  const verify = (msg.verify ?? "sample") as VerifyMode;
+  const lfd = listenerFor(path, true);
+  emit("listening");
+  const fd = acceptRaw(lfd, false);
+  if (fd < 0) fail("accept", fd);
+  closeListener(path);
+  const checker = new StreamChecker(pattern, verify, 0, `sink ${path}`);
+  const cpu0 = cpuSeconds();
+  let tFirst = 0;
+  let reads = 0;
+  // Longest time without data once data flows (a stall shows up here).
+  let lastAt = 0;
+  let maxGapMs = 0;
+  for (;;) {
+    const n = readRaw(fd, readBuf, readSize);
+    if (n === 0) break;
+    if (n < 0) fail("read", n);
+    const t = performance.now();
+    if (tFirst === 0) tFirst = now();
+    else if (t - lastAt > maxGapMs) maxGapMs = t - lastAt;
+    lastAt = t;
+    reads++;
+    checker.check(readBuf.subarray(0, n));
+  }
+  const tEnd = now();
+  const cpu = cpuSeconds() - cpu0;
+  close(fd);
+  return {
+    bytes: checker.offset,
+    tFirst,
+    tEnd,
+    cpu,
+    reads,
+    maxGapMs,
+    checked: checker.checked,
+    mismatches: checker.mismatches,
+    error: checker.error,
+  };
+}
+
+/**
+ * source {path, hybridPort, writeSize, durationMs, maxBytes?}: connect (through the hybrid
+ * handshake when `hybridPort` is set), write the pattern in `writeSize` writes until the
+ * duration or byte budget is used, shutdown(SHUT_WR), then wait for the peer's close.
+ */
+function source(msg: Command, emit: EmitFn) {
+  const hybridPort = msg.hybridPort === null || msg.hybridPort === undefined
+    ? null
+    : Number(msg.hybridPort);
+  const writeSize = Math.min(Number(msg.writeSize), MAX_CHUNK);
+  const maxBytes = Number(msg.maxBytes ?? Infinity);
+  const fd = connectTo(String(msg.path), hybridPort);
+  emit("connected");
+  const cpu0 = cpuSeconds();
+  const t0 = now();
+  const deadline = t0 + Number(msg.durationMs);
+  let sent = 0;
+  let writes = 0;
+  while (sent < maxBytes && now() < deadline) {
+    const n = Math.min(writeSize, maxBytes - sent);
+    writeFully(fd, chunkAt(pattern, 0, sent, n));
+    sent += n;
+    writes++;
+  }
+  const tWritten = now();
+  shutdownRaw(fd, SHUT_WR);
+  const cpu = cpuSeconds() - cpu0;
+  drainToEof(fd);
+  close(fd);
+  return { bytes: sent, t0, tWritten, cpu, writes };
+}
+
+/** echo {listenPath}: accept one connection and write back what arrives, until EOF. */
+function echo(msg: Command, emit: EmitFn) {
+  const path = String(msg.listenPath);
+  const lfd = listenerFor(path, true);
+  emit("listening");
+  const fd = acceptRaw(lfd, false);
+  if (fd < 0) fail("accept", fd);
+  closeListener(path);
+  const cpu0 = cpuSeconds();
+  let echoed = 0;
+  for (;;) {
+    const n = readRaw(fd, readBuf, 65536);
+    if (n <= 0) break;
+    writeFully(fd, readBuf.subarray(0, n));
+    echoed += n;
+  }
+  close(fd);
+  return { echoed, cpu: cpuSeconds() - cpu0 };
+}
+
+/**
+ * pingpong {path, hybridPort, size, warmup, iterations}: connect, then `warmup` + `iterations`
+ * round trips of `size` bytes (write, read all back); returns RTT percentiles in microseconds
+ * over the measured iterations.
+ */
+function pingpong(msg: Command, emit: EmitFn) {
+  const hybridPort = msg.hybridPort === null || msg.hybridPort === undefined
+    ? null
+    : Number(msg.hybridPort);
+  const size = Number(msg.size);
+  const warmup = Number(msg.warmup);
+  const iterations = Number(msg.iterations);
+  const fd = connectTo(String(msg.path), hybridPort);
+  emit("connected");
+  const out = chunkAt(pattern, 0, 0, size);
+  const back = new Uint8Array(size);
+  const rtt = new Float64Array(iterations);
+  const cpu0 = cpuSeconds();
+  const t0 = now();
+  let bad = 0;
+  for (let i = 0; i < warmup + iterations; i++) {
+    const t = performance.now();
+    writeFully(fd, out);
+    let got = 0;
+    while (got < size) {
+      const n = readRaw(fd, back.subarray(got), size - got);
+      if (n === 0) throw new Error(`pingpong: EOF after ${i} round trips`);
+      if (n < 0) fail("read", n);
+      got += n;
+    }
+    const dt = performance.now() - t;
+    if (i >= warmup) rtt[i - warmup] = dt * 1000;
+    if (back[0] !== out[0] || back[size - 1] !== out[size - 1]) bad++;
+  }
+  const wall = (now() - t0) / 1000;
+  const cpu = cpuSeconds() - cpu0;
+  shutdownRaw(fd, SHUT_WR);
+  drainToEof(fd);
+  close(fd);
+  rtt.sort();
+  const pct = (p: number) => rtt[Math.min(iterations - 1, Math.floor(p * iterations))];
+  let sum = 0;
+  for (const x of rtt) sum += x;
+  return {
+    p50: pct(0.5),
+    p90: pct(0.9),
+    p99: pct(0.99),
+    max: rtt[iterations - 1],
+    mean: sum / iterations,
+    iterations,
+    wall,
+    cpu,
+    mismatches: bad,
+  };
+}
+
+// ---- many connections --------------------------------------------------------------------------
+
+interface Stream {
+  fd: number;
+  /** outgoing: id sent in the header; incoming: id from the header (-1 until read) */
+  id: number;
+  out: boolean;
+  /** outgoing: handshake line bytes so far (until "OK ...\n") */
+  line: string;
+  ok: boolean;
+  sent: number;
+  header: Uint8Array;
+  headerLen: number;
+  checker: StreamChecker | null;
+  done: boolean;
+}
+
+const many = { streams: [] as Stream[], byFd: new Map<number, Stream>(), ep: null as Epoll | null };
+
+function newStream(fd: number, out: boolean, id: number): Stream {
+  const s: Stream = {
+    fd,
+    id,
+    out,
+    line: "",
+    ok: !out,
+    sent: 0,
+    header: new Uint8Array(STREAM_HEADER_SIZE),
+    headerLen: 0,
+    checker: null,
+    done: false,
+  };
+  many.streams.push(s);
+  many.byFd.set(fd, s);
+  return s;
+}
+
+/** manyListen {listenPath}: a non-blocking listener for the guest's connections. */
+function manyListen(msg: Command) {
+  listenerFor(String(msg.listenPath), false);
+  return {};
+}
+
+/**
+ * manyOpen {udsPath, guestPort, nOut, firstId, listenPath, nIn, timeoutMs}: opens `nOut`
+ * connections to guest port `guestPort` through the hybrid socket (each waits for its OK line)
+ * and accepts `nIn` connections on `listenPath`, in one epoll loop.
+ */
+function manyOpen(msg: Command) {
+  const nOut = Number(msg.nOut);
+  const nIn = Number(msg.nIn);
+  const firstId = Number(msg.firstId);
+  const lfd = listenerFor(String(msg.listenPath), false);
+  const deadline = Date.now() + Number(msg.timeoutMs ?? 30000);
+  const ep = many.ep ?? new Epoll(1024);
+  many.ep = ep;
+  ep.add(lfd, EPOLLIN);
+  const t0 = now();
+  let accepted = 0;
+  let okCount = 0;
+  let connected = 0;
+  const lineBuf = new Uint8Array(64);
+  const acceptAll = () => {
+    for (;;) {
+      const fd = acceptRaw(lfd, true);
+      if (fd === -EAGAIN) return;
+      if (fd < 0) fail("accept", fd);
+      newStream(fd, false, -1);
+      accepted++;
+    }
+  };
+  while (okCount < nOut || accepted < nIn) {
+    // Open outgoing connections a few at a time so the back end's accept backlog never fills.
+    while (connected < nOut && connected - okCount < 64) {
+      const fd = connectUnix(String(msg.udsPath), { nonblocking: false });
+      writeFully(fd, enc.encode(`CONNECT ${msg.guestPort}\n`));
+      setNonBlocking(fd, true);
+      newStream(fd, true, firstId + connected);
+      ep.add(fd, EPOLLIN);
+      connected++;
+    }
+    if (Date.now() > deadline) {
+      throw new Error(`manyOpen: ${okCount}/${nOut} OK lines, ${accepted}/${nIn} accepted`);
+    }
+    const n = ep.wait(100);
+    for (let i = 0; i < n; i++) {
+      const fd = ep.events[3 * i + 1];
+      if (fd === lfd) {
+        acceptAll();
+        continue;
+      }
+      const s = many.byFd.get(fd);
+      if (s === undefined || s.ok) continue;
+      const r = readRaw(fd, lineBuf, 1);
+      if (r === -EAGAIN) continue;
+      if (r <= 0) throw new Error(`manyOpen: CONNECT ${msg.guestPort} refused (stream ${s.id})`);
+      if (lineBuf[0] === 0x0a) {
+        if (!s.line.startsWith("OK ")) throw new Error(`manyOpen: reply ${s.line}`);
+        s.ok = true;
+        okCount++;
+        ep.modify(fd, 0);
+      } else {
+        s.line += String.fromCharCode(lineBuf[0]);
+      }
+    }
+  }
+  ep.delete(lfd);
+  for (const s of many.streams) if (!s.out) ep.add(s.fd, 0);
+  return { opened: many.streams.length, seconds: (now() - t0) / 1000 };
+}
+
+/**
+ * manyTransfer {bytesPerConn, verify, timeoutMs}: outgoing streams send their header and
+ * `bytesPerConn` bytes then shutdown(SHUT_WR); incoming ones are read to EOF and checked.
+ */
+function manyTransfer(msg: Command) {
+  const bytesPerConn = Number(msg.bytesPerConn);
+  const verify = (msg.verify ?? "full") as VerifyMode;
+  const total = STREAM_HEADER_SIZE + bytesPerConn;
+  const ep = many.ep!;
+  const deadline = Date.now() + Number(msg.timeoutMs ?? 60000);
+  const errors: string[] = [];
+  const seen = new Set<number>();
+  const cpu0 = cpuSeconds();
+  const t0 = now();
+  let pending = 0;
+  let received = 0;
+  for (const s of many.streams) {
+    ep.modify(s.fd, s.out ? EPOLLOUT : EPOLLIN);
+    pending++;
+  }
+  let lastProgress = Date.now();
+  while (pending > 0) {
+    const n = ep.wait(100);
+    const t = Date.now();
+    if (n > 0) lastProgress = t;
+    if (t > deadline || t - lastProgress > 10000) {
+      throw new Error(`manyTransfer stalled: ${pending} streams unfinished`);
+    }
+    for (let i = 0; i < n; i++) {
+      const ev = ep.events[3 * i];
+      const s = many.byFd.get(ep.events[3 * i + 1]);
+      if (s === undefined || s.done) continue;
+      if (s.out) {
+        if (ev & (EPOLLERR | EPOLLHUP)) {
+          errors.push(`outgoing stream ${s.id}: hang-up after ${s.sent} bytes`);
+          s.done = true;
+          pending--;
+          ep.modify(s.fd, 0);
+          continue;
+        }
+        while (s.sent < total) {
+          let chunk: Uint8Array;
+          if (s.sent < STREAM_HEADER_SIZE) chunk = streamHeader(s.id).subarray(s.sent);
+          else {
+            const off = s.sent - STREAM_HEADER_SIZE;
+            chunk = chunkAt(pattern, shiftOf(s.id), off, Math.min(65536, bytesPerConn - off));
+          }
+          const w = writeRaw(s.fd, chunk, chunk.length);
+          if (w === -EAGAIN) break;
+          if (w < 0) {
+            errors.push(`outgoing stream ${s.id}: errno ${-w} after ${s.sent} bytes`);
+            s.sent = total;
+            break;
+          }
+          s.sent += w;
+        }
+        if (s.sent >= total) {
+          shutdownRaw(s.fd, SHUT_WR);
+          s.done = true;
+          pending--;
+          ep.modify(s.fd, 0);
+        }
+        continue;
+      }
+      for (;;) {
+        const r = readRaw(s.fd, readBuf, 262144);
+        if (r === -EAGAIN) break;
+        if (r <= 0) {
+          const got = s.checker?.offset ?? 0;
+          if (r < 0) errors.push(`incoming stream ${s.id}: errno ${-r}`);
+          if (got !== bytesPerConn) {
+            errors.push(`incoming stream ${s.id}: ${got} of ${bytesPerConn} bytes`);
+          }
+          if (s.checker?.error) errors.push(s.checker.error);
+          s.done = true;
+          pending--;
+          ep.modify(s.fd, 0);
+          break;
+        }
+        received += r;
+        let chunk = readBuf.subarray(0, r);
+        if (s.headerLen < STREAM_HEADER_SIZE) {
+          const k = Math.min(STREAM_HEADER_SIZE - s.headerLen, r);
+          s.header.set(chunk.subarray(0, k), s.headerLen);
+          s.headerLen += k;
+          chunk = chunk.subarray(k);
+          if (s.headerLen === STREAM_HEADER_SIZE) {
+            s.id = parseStreamHeader(s.header);
+            if (s.id < 0) errors.push("incoming stream with a bad header");
+            else if (seen.has(s.id)) errors.push(`stream id ${s.id} seen twice`);
+            seen.add(s.id);
+            s.checker = new StreamChecker(
+              pattern,
+              verify,
+              shiftOf(Math.max(s.id, 0)),
+              `stream ${s.id}`,
+            );
+          }
+        }
+        if (s.checker !== null && chunk.length > 0) s.checker.check(chunk);
+      }
+    }
+  }
+  const outs = many.streams.filter((s) => s.out);
+  return {
+    sent: outs.reduce((n, s) => n + Math.max(0, s.sent - STREAM_HEADER_SIZE), 0),
+    received: received - STREAM_HEADER_SIZE * (many.streams.length - outs.length),
+    streamsOut: outs.length,
+    streamsIn: many.streams.length - outs.length,
+    errors: errors.slice(0, 20),
+    errorCount: errors.length,
+    cpu: cpuSeconds() - cpu0,
+    wall: (now() - t0) / 1000,
+  };
+}
+
+/** manyClose: closes every many-connection socket and listener. */
+function manyClose() {
+  const n = many.streams.length;
+  for (const s of many.streams) close(s.fd);
+  many.streams = [];
+  many.byFd.clear();
+  many.ep?.close();
+  many.ep = null;
+  for (const path of [...listeners.keys()]) closeListener(path);
+  return { closed: n };
+}
+
+function stats() {
+  return { cpu: cpuSeconds() };
+}
+
+sendLine({ id: 0, ev: "ready" });
+await serveCommands(
+  { sink, source, echo, pingpong, manyListen, manyOpen, manyTransfer, manyClose, stats },
+  () => {
+    for (const path of [...listeners.keys()]) closeListener(path);
+  },
+);

@@ -23,8 +23,8 @@ import {
   acceptRaw,
   close,
   EAGAIN,
+  EPOLLET,
   EPOLLIN,
-  eventFdRead,
   getSockOptInt,
   listenUnix,
   mapShared,
@@ -446,7 +446,9 @@ export class VhostUserBackend {
         if (!p.value.noFd) {
           const fd = this.#takeFd(msg);
           v.kickFd = fd;
-          this.reactor.addFd(fd, EPOLLIN, () => this.#onKick(v, fd));
+          // Edge-triggered: every write to the eventfd is an edge, so the counter need not be
+          // read back (one system call less per kick; it cannot reach 2^64 - 1).
+          this.reactor.addFd(fd, EPOLLIN | EPOLLET, () => this.#onKick(v));
         } else {
           log.warn(
             `vhost-user: vring ${v.index}: no kick fd (polling mode); processing on other events only`,
@@ -619,8 +621,7 @@ export class VhostUserBackend {
     return this.vrings.every((r) => !r.started);
   }
 
-  #onKick(v: Vring, fd: number): void {
-    eventFdRead(fd);
+  #onKick(v: Vring): void {
     if (v.active) this.device.queueKicked(v.index);
     else {
       v.pendingKicks++;

@@ -559,7 +559,6 @@ export class VsockDevice implements VirtioDevice, SiblingEndpoint {
       c.toHost.consume(n);
       this.#forwarded(c, n);
     }
-    c.toHost.clear();
     if (c.closeWhenFlushed) {
       this.#resetConn(c);
       return;
@@ -723,7 +722,7 @@ export class VsockDevice implements VirtioDevice, SiblingEndpoint {
       produced++;
     }
     if (this.#rxHead >= this.#rxQueue.length) {
-      this.#rxQueue = [];
+      this.#rxQueue.length = 0;
       this.#rxHead = 0;
     } else if (this.#rxHead > 1024) {
       this.#rxQueue = this.#rxQueue.slice(this.#rxHead);

@@ -240,15 +240,18 @@ export class GuestListener {
 
   /** The next incoming connection (already answered with RESPONSE). */
   async accept(opts: WaitOptions = {}): Promise<GuestConn> {
-    if (this.#closed) throw new GuestConnError(`listener on port ${this.port} is closed`);
-    await this.guest.waitFor(
-      () => this.#queue.length > 0 || this.#closed,
-      opts.timeoutMs ?? this.guest.timeoutMs,
-      `an incoming connection on guest port ${this.port}`,
-    );
-    const c = this.#queue.shift();
-    if (c === undefined) throw new GuestConnError(`listener on port ${this.port} was closed`);
-    return c;
+    const deadline = performance.now() + (opts.timeoutMs ?? this.guest.timeoutMs);
+    // Several accepts may wait at once: each takes one connection, the others keep waiting.
+    for (;;) {
+      const c = this.#queue.shift();
+      if (c !== undefined) return c;
+      if (this.#closed) throw new GuestConnError(`listener on port ${this.port} is closed`);
+      await this.guest.waitFor(
+        () => this.#queue.length > 0 || this.#closed,
+        Math.max(0, deadline - performance.now()),
+        `an incoming connection on guest port ${this.port}`,
+      );
+    }
   }
 
   /** Stops listening; connections not yet accepted are reset. */

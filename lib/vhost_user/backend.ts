@@ -71,6 +71,16 @@ export const BACKEND_PROTOCOL_FEATURES = PF.MQ | PF.REPLY_ACK | PF.CONFIGURE_MEM
 
 const PROTOCOL_FEATURES_MASK = featureMask(VHOST_USER_F_PROTOCOL_FEATURES);
 const LOG_ALL_MASK = featureMask(VHOST_F_LOG_ALL);
+/** Requests whose reply carries data (not a status): a failure cannot be answered. */
+const DATA_REPLY_REQUESTS: ReadonlySet<number> = new Set([
+  R.GET_FEATURES,
+  R.GET_PROTOCOL_FEATURES,
+  R.GET_VRING_BASE,
+  R.GET_QUEUE_NUM,
+  R.GET_MAX_MEM_SLOTS,
+  R.GET_STATUS,
+  R.GET_INFLIGHT_FD,
+]);
 
 export interface BackendOptions {
   /** path of the listening socket (created; removed on close) */
@@ -269,6 +279,12 @@ export class VhostUserBackend {
       for (const fd of msg.fds) close(fd); // handlers take the fds they keep (set to -1)
     }
     if (!replied && !ok) replied = this.#replyFailure(msg.request);
+    if (!replied && !ok && DATA_REPLY_REQUESTS.has(msg.request)) {
+      // The front end blocks on this reply and nothing can stand for it (an ack would be
+      // misread as the data): hang up, so it sees the failure instead of waiting forever.
+      this.#disconnect(`${name} failed and its reply cannot be given`);
+      return;
+    }
     if (!replied && this.#replyAck && (msg.flags & VHOST_USER_NEED_REPLY_MASK) !== 0) {
       this.#replyU64(msg.request, ok ? 0 : 1);
     }
@@ -367,11 +383,14 @@ export class VhostUserBackend {
       }
       case R.REM_MEM_REG: {
         if (p.kind !== "memRegion") throw new RequestError("bad payload");
+        const { guestAddr, size } = p.value;
+        // Check first: a rejected request must leave the rings as they were.
+        if (!this.memory.regions.some((r) => r.gpa === guestAddr && r.size === size)) {
+          throw new RequestError(`no region at guest address 0x${guestAddr.toString(16)}`);
+        }
         const inUse = this.vrings.some((v) => v.queue !== null && this.#ringInRegion(v, p.value));
         if (inUse) this.#deactivateAll();
-        if (!this.memory.remove(p.value.guestAddr, p.value.size)) {
-          throw new RequestError(`no region at guest address 0x${p.value.guestAddr.toString(16)}`);
-        }
+        this.memory.remove(guestAddr, size);
         this.#rebuildQueues();
         return false;
       }
@@ -438,13 +457,14 @@ export class VhostUserBackend {
       case R.SET_VRING_KICK: {
         if (p.kind !== "vringFd") throw new RequestError("bad payload");
         const v = this.#vring(p.value.index);
+        // Take the new fd first: a rejected request must leave the ring as it was.
+        const fd = p.value.noFd ? -1 : this.#takeFd(msg);
         if (v.kickFd >= 0) {
           this.reactor.removeFd(v.kickFd);
           close(v.kickFd);
           v.kickFd = -1;
         }
-        if (!p.value.noFd) {
-          const fd = this.#takeFd(msg);
+        if (fd >= 0) {
           v.kickFd = fd;
           // Edge-triggered: every write to the eventfd is an edge, so the counter need not be
           // read back (one system call less per kick; it cannot reach 2^64 - 1).

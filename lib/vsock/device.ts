@@ -82,7 +82,7 @@ import {
   VSOCK_VQ_TX,
 } from "./constants.ts";
 import { HostListener } from "./host_listener.ts";
-import { PacketHeader, validateHeader } from "./packet.ts";
+import { HeaderError, PacketHeader, validateHeader } from "./packet.ts";
 import { ConnectionTable } from "./connection_table.ts";
 import { decodeSnapshot, encodeSnapshot } from "../snapshot/format.ts";
 import {
@@ -174,6 +174,8 @@ export class VsockDevice implements VirtioDevice, SiblingEndpoint {
   #txNeedsRun = false;
   #rxSignal = false;
   #txSignal = false;
+  /** malformed packets seen (the first few are logged, then one in a thousand) */
+  #badPackets = 0;
   /** TX stopped because too many replies are owed; RX draining resumes it */
   #txBlocked = false;
   #nextHostPort = 1 << 30;
@@ -389,7 +391,15 @@ export class VsockDevice implements VirtioDevice, SiblingEndpoint {
     if (log.traceOn) log.trace(`vsock: tx ${h.describe()}`);
     const bad = validateHeader(h, this.options.guestCid, chain.readableLen - VIRTIO_VSOCK_HDR_SIZE);
     if (bad !== null) {
-      log.warn(`vsock: bad packet from guest (${bad}): ${h.describe()}`);
+      this.#badPackets++;
+      if (this.#badPackets <= 10 || this.#badPackets % 1000 === 0 || log.debugOn) {
+        log.warn(
+          `vsock: bad packet from guest (${bad}; ${this.#badPackets} so far): ${h.describe()}`,
+        );
+      }
+      // A packet that is not from this guest's CID is dropped, as Linux's vhost-vsock does:
+      // an RST "from" its destination would end the guest's real connection on those ports.
+      if (bad === HeaderError.SRC_CID || bad === HeaderError.SRC_CID_HIGH) return;
       if (h.op !== VIRTIO_VSOCK_OP_RST) this.#orphanReset(h);
       return;
     }

@@ -1487,6 +1487,8 @@ export class VsockGuest {
     eventFdWrite(this.#wakeFd);
     await this.#pollLoop;
     closeFd(this.#wakeFd); // only after the poll using it returned
+    // The RAM may be unmapped next: nothing may touch the rings any more.
+    this.#rings = null;
   }
 
   #checkUsable(): void {

@@ -5,17 +5,25 @@
  * `VHostUserBackendCapabilities` of `docs/interop/vhost-user.json`: an object whose `type` is
  * the `VHostUserBackendType` ("vsock" here), plus a `features` list of supported command-line
  * features for the back-end types whose schema defines one. The schema defines none for
- * vsock yet, so the list is omitted while it is empty and the output is `{"type": "vsock"}`.
+ * vsock yet; we list what this back end adds over a plain vsock back end, so management
+ * tools (and people) can see it: consumers that only know the schema's names ignore them.
  */
 
 /** `VHostUserBackendType` of a virtio-vsock back end. */
 export const VHOST_USER_BACKEND_TYPE = "vsock";
 
 /**
- * Features to report in the `features` list (names as the schema would spell them, e.g.
- * "dgram"). Empty until vhost-user.json defines vsock features.
+ * Features reported in the `features` list, spelled like the schema's names:
+ * - "device-state": snapshot/restore through SET_DEVICE_STATE_FD / CHECK_DEVICE_STATE
+ *   (with TRANSPORT_RESET delivery when the front end hands over the event queue);
+ * - "dirty-log": LOG_SHMFD + VHOST_F_LOG_ALL dirty-page logging for live migration;
+ * - "siblings": VMs of one daemon sharing a group reach each other by CID.
  */
-export const VHOST_USER_BACKEND_FEATURES: readonly string[] = [];
+export const VHOST_USER_BACKEND_FEATURES: readonly string[] = [
+  "device-state",
+  "dirty-log",
+  "siblings",
+];
 
 /** The JSON document, pretty-printed with two-space indents, without a trailing newline. */
 export function capabilitiesJson(

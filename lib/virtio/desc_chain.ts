@@ -173,7 +173,8 @@ export class DescChain {
    * Fills `out` with (iov_base, iov_len) pairs for readv/writev over the
    * readable (`writable` false) or writable part, starting `skip` bytes into it
    * and covering at most `maxBytes`. Stops early when `out` is full. Returns the
-   * number of iovecs; `iovBytes` receives the bytes they cover. `out` is written
+   * number of iovecs; `iovBytes` receives the bytes they cover. With `outIndex` the pairs
+   * are appended from iovec `outIndex` on (gathering several chains into one writev). `out` is written
    * through a cached 32-bit view (little-endian host), so no BigInt is created.
    */
   hostIovecs(
@@ -182,6 +183,7 @@ export class DescChain {
     skip: number,
     maxBytes: number,
     writable: boolean,
+    outIndex = 0,
   ): number {
     let words = this.#iovWords;
     if (this.#iovSource !== out || words === null) {
@@ -193,7 +195,7 @@ export class DescChain {
     const maxIov = out.length >>> 1;
     const first = writable ? this.readableCount : 0;
     const last = writable ? this.count : this.readableCount;
-    let iov = 0;
+    let iov = outIndex;
     let bytes = 0;
     for (let i = first; i < last && bytes < maxBytes && iov < maxIov; i++) {
       const segLen = this.len[i];
@@ -213,7 +215,7 @@ export class DescChain {
       skip = 0;
     }
     this.iovBytes = bytes;
-    return iov;
+    return iov - outIndex;
   }
 
   #memory(): GuestMemory {

@@ -49,6 +49,7 @@ import {
   VIRTIO_RING_F_INDIRECT_DESC_MASK,
 } from "../virtio/features.ts";
 import { POP_EMPTY, POP_INVALID, type SplitQueue } from "../virtio/split_queue.ts";
+import type { GuestMemory } from "../virtio/memory.ts";
 import type {
   ActiveQueue,
   QueueNotifier,
@@ -118,6 +119,10 @@ const MAX_IOV = 64;
  * app; longer than Linux's VSOCK_CLOSE_TIMEOUT (8 s), after which the guest resets anyway.
  */
 const CLOSE_DRAIN_TIMEOUT_MS = 10_000;
+/** Most iovecs one gathered writev carries (the kernel's UIO_MAXIOV is 1024). */
+const MAX_GATHER_IOV = 256;
+/** Most payload bytes gathered into one writev. */
+const MAX_GATHER_BYTES = 512 * 1024;
 /** Standalone RSTs (for packets that match no connection) owed to the guest, at most. */
 const MAX_PENDING_RESETS = 1024;
 
@@ -160,6 +165,16 @@ export class VsockDevice implements VirtioDevice, SiblingEndpoint {
   readonly #hdrBytes = new Uint8Array(VIRTIO_VSOCK_HDR_SIZE);
   readonly #hdrView = new DataView(this.#hdrBytes.buffer);
   readonly #iov = new BigUint64Array(2 * MAX_IOV);
+  /**
+   * RW payloads of consecutive TX packets for one connection, written with one writev at
+   * the end of the run (their chains are published only after that write).
+   */
+  readonly #gatherIov = new BigUint64Array(2 * MAX_GATHER_IOV);
+  readonly #gatherWords = new Uint32Array(this.#gatherIov.buffer);
+  #gatherConn: VsockConnection | null = null;
+  #gatherMem: GuestMemory | null = null;
+  #gatherCount = 0;
+  #gatherBytes = 0;
   /** round-robin RX scheduler: connections owing the guest a packet */
   #rxQueue: VsockConnection[] = [];
   #rxHead = 0;
@@ -365,6 +380,7 @@ export class VsockDevice implements VirtioDevice, SiblingEndpoint {
       q.pushUsed(chain.head, 0);
       this.#txSignal = true;
     }
+    this.#flushGather();
     if (q.broken !== null) log.error(`vsock: tx queue broken: ${q.broken}`);
   }
 
@@ -387,6 +403,13 @@ export class VsockDevice implements VirtioDevice, SiblingEndpoint {
     }
     chain.readInto(this.#hdrBytes, 0);
     h.decodeFrom(this.#hdrView, 0);
+    if (
+      this.#gatherConn !== null &&
+      (h.op !== VIRTIO_VSOCK_OP_RW || h.dstPort !== this.#gatherConn.localPort ||
+        h.srcPort !== this.#gatherConn.peerPort)
+    ) {
+      this.#flushGather();
+    }
     this.stats.txPackets++;
     if (log.traceOn) log.trace(`vsock: tx ${h.describe()}`);
     const bad = validateHeader(h, this.options.guestCid, chain.readableLen - VIRTIO_VSOCK_HDR_SIZE);
@@ -523,6 +546,31 @@ export class VsockDevice implements VirtioDevice, SiblingEndpoint {
     this.stats.txBytes += len;
     let written = 0;
     if (c.toHost.length === 0 && !c.hostWriteShut) {
+      if (
+        this.#gatherConn !== null &&
+        (this.#gatherConn !== c || this.#gatherCount + chain.readableCount > MAX_GATHER_IOV ||
+          this.#gatherBytes + len > MAX_GATHER_BYTES)
+      ) {
+        this.#flushGather();
+      }
+      if (this.#gatherCount + chain.readableCount <= MAX_GATHER_IOV) {
+        const n = chain.hostIovecs(
+          chain.mem!,
+          this.#gatherIov,
+          VIRTIO_VSOCK_HDR_SIZE,
+          len,
+          false,
+          this.#gatherCount,
+        );
+        if (chain.iovBytes === len) {
+          this.#gatherConn = c;
+          this.#gatherMem = chain.mem;
+          this.#gatherCount += n;
+          this.#gatherBytes += len;
+          return;
+        }
+      }
+      this.#flushGather();
       const iovs = chain.hostIovecs(chain.mem!, this.#iov, VIRTIO_VSOCK_HDR_SIZE, len, false);
       const n = writevRaw(c.hostFd, this.#iov, iovs);
       if (n >= 0) written = n;
@@ -543,6 +591,61 @@ export class VsockDevice implements VirtioDevice, SiblingEndpoint {
       }
       chain.readInto(dst, VIRTIO_VSOCK_HDR_SIZE + written);
       c.toHost.commit(rest);
+    }
+  }
+
+  /**
+   * Writes the gathered payloads with one writev; what the socket does not take goes to
+   * the connection's backlog (copied from guest memory before the chains are published).
+   */
+  #flushGather(): void {
+    const c = this.#gatherConn;
+    if (c === null) return;
+    const count = this.#gatherCount;
+    const bytes = this.#gatherBytes;
+    const mem = this.#gatherMem!;
+    this.#gatherConn = null;
+    this.#gatherMem = null;
+    this.#gatherCount = 0;
+    this.#gatherBytes = 0;
+    if (c.state === ConnState.CLOSED) return;
+    const n = writevRaw(c.hostFd, this.#gatherIov, count);
+    if (n < 0 && n !== -EAGAIN) {
+      log.info(`vsock: host app of ${c.describe()} closed (errno ${-n}); resetting`);
+      this.#resetConn(c);
+      return;
+    }
+    const written = n > 0 ? n : 0;
+    if (written > 0) this.#forwarded(c, written);
+    if (written < bytes) {
+      const dst = c.toHost.reserve(bytes - written);
+      if (dst === null) {
+        log.warn(`vsock: guest->host buffer overflow on ${c.describe()}; resetting`);
+        this.#resetConn(c);
+        return;
+      }
+      this.#copyFromGather(mem, count, written, dst);
+      c.toHost.commit(bytes - written);
+    }
+  }
+
+  /** Copies the gathered iovecs' bytes, from `skip` on, into `dst`. */
+  #copyFromGather(mem: GuestMemory, count: number, skip: number, dst: Uint8Array): void {
+    const w = this.#gatherWords;
+    let off = 0;
+    for (let i = 0; i < count && off < dst.length; i++) {
+      const base = w[4 * i] + w[4 * i + 1] * 0x1_0000_0000;
+      const len = w[4 * i + 2];
+      if (skip >= len) {
+        skip -= len;
+        continue;
+      }
+      const r = mem.regions.find((r) => base >= r.hostAddr && base < r.hostAddr + r.size)!;
+      const from = base - r.hostAddr + skip;
+      const n = Math.min(len - skip, dst.length - off);
+      dst.set(r.bytes.subarray(from, from + n), off);
+      off += n;
+      skip = 0;
     }
   }
 

@@ -32,7 +32,9 @@ async function runAndSignal(signal: Deno.Signal) {
     assert.match(stderr, new RegExp(`${signal}: shutting down`));
     assert.equal(exists(socket), false, "vhost-user socket file removed");
     assert.equal(exists(uds), false, "hybrid socket file removed");
-    assert.equal(await host.read(new Uint8Array(8)), null, "the host app sees EOF");
+    // EOF, or ECONNRESET when the daemon closed before reading the partial line: closed.
+    const r = await host.read(new Uint8Array(8)).catch((e) => e);
+    assert.ok(r === null || r instanceof Deno.errors.ConnectionReset, `host app: ${r}`);
     host.close();
   } finally {
     try {

@@ -280,6 +280,21 @@ export class SplitQueue {
   }
 
   /**
+   * Pops the next chain; when the ring is empty, enables notifications and re-checks
+   * before reporting POP_EMPTY (seed 001: the driver may have added buffers between the
+   * empty check and the enable, seeing notifications off, and will not kick). POP_EMPTY
+   * therefore means "armed: the next buffer comes with a kick".
+   */
+  popOrArm(chain: DescChain): PopResult {
+    for (;;) {
+      const r = this.pop(chain);
+      if (r !== POP_EMPTY || this.broken !== null) return r;
+      if (!this.enableNotification()) return POP_EMPTY;
+      this.disableNotification();
+    }
+  }
+
+  /**
    * Gives the chain popped last back to the avail ring (it is consumed again by
    * the next `pop`). For a device that popped a buffer and then found nothing to
    * put in it; only valid right after a successful `pop`, before `pushUsed`.

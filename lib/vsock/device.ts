@@ -363,14 +363,8 @@ export class VsockDevice implements VirtioDevice, SiblingEndpoint {
         this.#reactor.wake();
         break;
       }
-      const r = q.pop(chain);
-      if (r === POP_EMPTY) {
-        if (q.enableNotification()) {
-          q.disableNotification();
-          continue;
-        }
-        break;
-      }
+      const r = q.popOrArm(chain); // empty: notifications armed and re-checked (seed 001)
+      if (r === POP_EMPTY) break;
       handled++;
       if (r === POP_INVALID) {
         this.#badChain(q, chain.head, "tx", q.lastError);
@@ -805,16 +799,8 @@ export class VsockDevice implements VirtioDevice, SiblingEndpoint {
         this.#reactor.wake();
         break;
       }
-      const r = q.pop(chain);
-      if (r === POP_EMPTY) {
-        // Seed 001: enable notifications, then re-check; the guest may have added
-        // buffers between our empty check and the enable.
-        if (q.enableNotification()) {
-          q.disableNotification();
-          continue;
-        }
-        break;
-      }
+      const r = q.popOrArm(chain); // empty: notifications armed and re-checked (seed 001)
+      if (r === POP_EMPTY) break;
       if (r === POP_INVALID) {
         this.#badChain(q, chain.head, "rx", q.lastError);
         continue;

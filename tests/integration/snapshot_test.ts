@@ -134,6 +134,14 @@ async function openBothWays(
   return { listener, h2g, g1, g2, g2h };
 }
 
+/** Closes both connections of an `openBothWays` pair: the host ends, then the guest ends. */
+async function closeBothWays(c: Awaited<ReturnType<typeof openBothWays>>): Promise<void> {
+  c.h2g.conn.close();
+  c.g2h.close();
+  await c.g1.close();
+  await c.g2.close();
+}
+
 /** Runs `fn`; on failure appends the stderr of the back ends `backends()` lists then. */
 async function withStderr(
   backends: () => (BackendProcess | null)[],
@@ -401,10 +409,7 @@ Deno.test("crosvm: a save leaves the source intact; resuming on it keeps connect
       await exchange(c.h2g.conn, c.g1, 20_000, 21);
       await exchange(c.g2h, c.g2, 20_000, 23);
       assert.equal(vm.guest.queue(2).readUsedIdx(), 0, "no TRANSPORT_RESET without a load");
-      c.h2g.conn.close();
-      c.g2h.close();
-      await c.g1.close();
-      await c.g2.close();
+      await closeBothWays(c);
       assert.deepEqual(vm.guest.anomalies, []);
     });
   } finally {
@@ -696,10 +701,7 @@ Deno.test("qemu 7.2: DEVICE_STATE offered but not acked; SET_DEVICE_STATE_FD the
       vm.guest.resume(bases);
       const c = await openBothWays(vm.guest, vm.udsPath, 5000, 6000);
       await exchange(c.h2g.conn, c.g1, 5000, 61);
-      c.h2g.conn.close();
-      c.g2h.close();
-      await c.g1.close();
-      await c.g2.close();
+      await closeBothWays(c);
       // The reply to SET_DEVICE_STATE_FD is mandatory (vhost-user.rst: "Reply payload: u64");
       // a front end blocks on it, so a refusal must come as an error reply, not silence.
       assert.equal(typeof reply, "bigint", `SET_DEVICE_STATE_FD got no reply: ${reply}`);
@@ -844,10 +846,7 @@ Deno.test("corrupt state: a fresh front end on the same back end boots normally 
       const c = await openBothWays(guest, backend.udsPath, 5000, 6000);
       await exchange(c.h2g.conn, c.g1, 10_000, 91);
       await exchange(c.g2h, c.g2, 10_000, 93);
-      c.h2g.conn.close();
-      c.g2h.close();
-      await c.g1.close();
-      await c.g2.close();
+      await closeBothWays(c);
       assert.deepEqual(guest.anomalies, []);
     });
   } finally {
@@ -888,10 +887,7 @@ Deno.test("SET_DEVICE_STATE_FD while the rings run is refused (save and load); n
       await exchange(c.h2g.conn, c.g1, 20_000, 101);
       await exchange(c.g2h, c.g2, 20_000, 103);
       assert.equal(vm.guest.queue(2).readUsedIdx(), 0, "no TRANSPORT_RESET");
-      c.h2g.conn.close();
-      c.g2h.close();
-      await c.g1.close();
-      await c.g2.close();
+      await closeBothWays(c);
       assert.deepEqual(vm.guest.anomalies, []);
     });
   } finally {

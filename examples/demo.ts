@@ -86,6 +86,28 @@ function mibPerSecond(bytes: number, ms: number): string {
 }
 
 /** Reads `conn` to EOF, hashing; returns byte count and digest. */
+/**
+ * Sends `size` random bytes on `conn`, half-closes, reads the echo to EOF and checks it
+ * (length and sha256). Returns the milliseconds the round trip took.
+ */
+async function timedEcho(conn: Deno.UnixConn, size: number, what: string): Promise<number> {
+  const data = randomBytes(size);
+  const want = sha256(data);
+  const t0 = performance.now();
+  const [, echoed] = await Promise.all([
+    (async () => {
+      await writeAll(conn, data);
+      await conn.closeWrite();
+    })(),
+    drainAndHash(conn),
+  ]);
+  const ms = performance.now() - t0;
+  if (echoed.bytes !== size || echoed.sha256 !== want) {
+    throw new Error(`${what}: got ${echoed.bytes} bytes, sha256 ${echoed.sha256}`);
+  }
+  return ms;
+}
+
 async function drainAndHash(conn: Deno.Conn): Promise<{ bytes: number; sha256: string }> {
   const hash = createHash("sha256");
   const buf = new Uint8Array(256 * 1024);
@@ -220,21 +242,11 @@ async function emulatedDemo(): Promise<void> {
 
     // Throughput.
     const size = 64 * MiB;
-    const data = randomBytes(size);
-    const want = sha256(data);
-    let t0 = performance.now();
-    const [, echoed] = await Promise.all([
-      (async () => {
-        await writeAll(host.conn, data);
-        await host.conn.closeWrite();
-      })(),
-      drainAndHash(host.conn),
-    ]);
-    const echoMs = performance.now() - t0;
-    if (echoed.bytes !== size || echoed.sha256 !== want) {
-      throw new Error(`64 MiB echo: got ${echoed.bytes} bytes, sha256 ${echoed.sha256}`);
-    }
+    const echoMs = await timedEcho(host.conn, size, "64 MiB echo");
     host.conn.close();
+    const data = randomBytes(size); // the guest -> host leg
+    const want = sha256(data);
+    let t0: number;
     detail(`64 MiB host -> guest -> host echo: ${echoMs.toFixed(0)} ms, sha256 matches`);
 
     const sink = Deno.listen({ transport: "unix", path: `${vm.udsPath}_${HOST_SINK_PORT}` });
@@ -345,20 +357,9 @@ async function qemuDemo(): Promise<void> {
     );
 
     const size = 4 * MiB;
-    const data = randomBytes(size);
-    let t0 = performance.now();
-    const [, echoed] = await Promise.all([
-      (async () => {
-        await writeAll(host.conn, data);
-        await host.conn.closeWrite();
-      })(),
-      drainAndHash(host.conn),
-    ]);
-    const echoMs = performance.now() - t0;
+    const echoMs = await timedEcho(host.conn, size, "4 MiB echo");
+    let t0: number;
     host.conn.close();
-    if (echoed.bytes !== size || echoed.sha256 !== sha256(data)) {
-      throw new Error(`4 MiB echo: got ${echoed.bytes} bytes`);
-    }
     await vm.runOk(`head -c ${size} /dev/urandom > /tmp/blob`);
     const sink = Deno.listen({ transport: "unix", path: `${backend.udsPath}_${HOST_SINK_PORT}` });
     t0 = performance.now();

@@ -246,11 +246,10 @@ async function emulatedDemo(): Promise<void> {
     host.conn.close();
     const data = randomBytes(size); // the guest -> host leg
     const want = sha256(data);
-    let t0: number;
     detail(`64 MiB host -> guest -> host echo: ${echoMs.toFixed(0)} ms, sha256 matches`);
 
     const sink = Deno.listen({ transport: "unix", path: `${vm.udsPath}_${HOST_SINK_PORT}` });
-    t0 = performance.now();
+    const t0 = performance.now();
     const [sunk] = await Promise.all([
       sink.accept().then(async (c) => {
         const r = await drainAndHash(c);
@@ -358,11 +357,10 @@ async function qemuDemo(): Promise<void> {
 
     const size = 4 * MiB;
     const echoMs = await timedEcho(host.conn, size, "4 MiB echo");
-    let t0: number;
     host.conn.close();
     await vm.runOk(`head -c ${size} /dev/urandom > /tmp/blob`);
     const sink = Deno.listen({ transport: "unix", path: `${backend.udsPath}_${HOST_SINK_PORT}` });
-    t0 = performance.now();
+    const t0 = performance.now();
     const [sunk] = await Promise.all([
       sink.accept().then(async (c) => {
         const r = await drainAndHash(c);

@@ -1,28 +1,80 @@
 /**
- * One vsock stream connection between a guest socket and a host Unix socket.
+ * The connection state machine: one vsock stream between a guest socket and a host Unix
+ * socket (virtio 1.3 "Socket Device", 5.10.6.5 - 5.10.6.6).
  *
- * Addressing: the guest side is (guest CID, `peerPort`); the host side is
- * (CID 2, `localPort`). For a guest-initiated connection `localPort` is the port
- * the guest connected to (P, served by `<uds_path>_P`); for a host-initiated one
- * it is a port we allocate (reported to the host app as `OK <localPort>`).
+ * Addressing: the guest side is (guest CID, `peerPort`); the host side is (CID 2,
+ * `localPort`). For a guest-initiated connection `localPort` is the port the guest
+ * connected to (P, served by `<uds_path>_P`); for a host-initiated one it is a port the
+ * muxer allocated (reported to the host app as `OK <localPort>`).
  *
- * Life cycle (virtio 1.3 "Socket Device", 5.10.6.5):
- * - CONNECTING: host-initiated; REQUEST queued/sent to the guest, waiting for
- *   RESPONSE (or RST, or the connect timeout).
- * - ESTABLISHED: data flows; each direction may be shut down on its own
- *   (SHUTDOWN flags from the guest map to shutdown(2) on the host socket; EOF
- *   from the host becomes SHUTDOWN with the SEND flag only).
- * - when both directions are finished, or on any error, the connection ends
- *   with an RST to the guest and the host socket is closed.
+ * Life cycle:
+ * - CONNECTING (host-initiated): REQUEST queued or sent to the guest, waiting for its
+ *   RESPONSE, an RST, or the connect timeout.
+ * - ESTABLISHED: data flows. Each direction is shut down on its own: a SHUTDOWN from the
+ *   guest maps to shutdown(2) on the host socket once every byte the guest sent has been
+ *   written to it; EOF from the host becomes a SHUTDOWN with the SEND flag only, after the
+ *   bytes read before it. When the guest closes both ways while bytes are still queued for a
+ *   slow host app, they are delivered first (bounded by CLOSE_DRAIN_TIMEOUT_MS).
+ * - CLOSED: both directions finished, or any error: the host socket is closed and the guest
+ *   is owed an RST (unless it sent one).
  *
- * Packets owed to the guest are kept as flags (`pending`), not as a queue, so
- * one connection never holds more than one of each kind: memory stays bounded
- * however the guest behaves. The device's RX scheduler visits connections
- * round-robin and emits one packet per visit.
+ * Guest -> host: RW payload goes to the host socket with one writev straight from guest
+ * memory (consecutive packets of one connection are gathered into one writev by
+ * `TxGather`); what the socket does not take waits in `toHost`, bounded by the `buf_alloc`
+ * we advertised, and credit returns to the guest as the host app takes bytes.
+ *
+ * Host -> guest: packets owed to the guest are flags (`pending`), not a queue, so a
+ * connection never holds more than one of each kind whatever the guest does; `fillRx`
+ * writes the next one into a guest rx buffer (RW data is read with one readv from the host
+ * socket straight into guest memory, bounded by the guest's credit).
+ *
+ * The connection knows nothing of virtqueues: it reads and writes descriptor chains it is
+ * handed, and reaches the rest of the device through `ConnectionContext`.
  */
+import {
+  close,
+  EAGAIN,
+  EPOLLET,
+  EPOLLIN,
+  EPOLLOUT,
+  EPOLLRDHUP,
+  readvRaw,
+  SHUT_WR,
+  shutdownRaw,
+  writeRaw,
+  writevRaw,
+} from "../../ffi/mod.ts";
+import { log } from "../log.ts";
+import type { Reactor, Timer } from "../reactor.ts";
+import type { DescChain } from "../virtio/desc_chain.ts";
 import { ByteQueue } from "./byte_queue.ts";
+import { formatOkLine } from "./connect_line.ts";
+import {
+  MAX_PKT_PAYLOAD,
+  VIRTIO_VSOCK_HDR_SIZE,
+  VIRTIO_VSOCK_OP_CREDIT_REQUEST,
+  VIRTIO_VSOCK_OP_CREDIT_UPDATE,
+  VIRTIO_VSOCK_OP_REQUEST,
+  VIRTIO_VSOCK_OP_RESPONSE,
+  VIRTIO_VSOCK_OP_RST,
+  VIRTIO_VSOCK_OP_RW,
+  VIRTIO_VSOCK_OP_SHUTDOWN,
+  VIRTIO_VSOCK_SHUTDOWN_F_BOTH,
+  VIRTIO_VSOCK_SHUTDOWN_F_RECEIVE,
+  VIRTIO_VSOCK_SHUTDOWN_F_SEND,
+  VIRTIO_VSOCK_TYPE_STREAM,
+  VSOCK_HOST_CID,
+} from "./constants.ts";
 import { Credit } from "./credit.ts";
-import type { Timer } from "../reactor.ts";
+import type { PacketHeader } from "./packet.ts";
+import type { DeviceStats } from "./stats.ts";
+import type { TxGather } from "./tx_gather.ts";
+
+/**
+ * How long a connection the guest closed may keep draining queued bytes into a slow host
+ * app; longer than Linux's VSOCK_CLOSE_TIMEOUT (8 s), after which the guest resets anyway.
+ */
+export const CLOSE_DRAIN_TIMEOUT_MS = 10_000;
 
 export const ConnState = {
   CONNECTING: 1,
@@ -39,6 +91,26 @@ export const Pending = {
   CREDIT_UPDATE: 8,
   RST: 16,
 } as const;
+
+/** What a connection needs from the device around it (the muxer provides it). */
+export interface ConnectionContext {
+  readonly reactor: Reactor;
+  readonly guestCid: number;
+  readonly stats: DeviceStats;
+  readonly gather: TxGather;
+  /** scratch iovec array for one packet's readv/writev */
+  readonly iov: BigUint64Array;
+  /** the header `fillRx` fills; written into the chain by `emit` */
+  readonly header: PacketHeader;
+  /** writes `header` at the start of the chain's writable part */
+  emit(chain: DescChain): void;
+  /** `c` owes the guest a packet: put it in the RX scheduler */
+  scheduleRx(c: VsockConnection): void;
+  /** `c` closed its host side: drop it from the connection table */
+  forget(c: VsockConnection): void;
+  /** the guest accepted a host connect on `port` (it keeps that listener across a reset) */
+  guestAccepted(port: number): void;
+}
 
 export class VsockConnection {
   state: ConnState;
@@ -64,12 +136,13 @@ export class VsockConnection {
   closeWhenFlushed = false;
   /** queued in the RX scheduler */
   inRxQueue = false;
-  /** connect timeout (host-initiated) */
+  /** connect timeout (host-initiated) or close-drain timeout */
   timer: Timer | null = null;
-  /** for logs */
+  /** for logs and snapshots */
   readonly hostInitiated: boolean;
 
   constructor(
+    readonly ctx: ConnectionContext,
     readonly localPort: number,
     readonly peerPort: number,
     public hostFd: number,
@@ -83,11 +156,16 @@ export class VsockConnection {
     this.hostInitiated = hostInitiated;
   }
 
+  /** The host side is closed (the guest may still be owed an RST). */
+  get closed(): boolean {
+    return this.state === ConnState.CLOSED;
+  }
+
   /** Something to send to the guest right now (control, early bytes or host data within credit). */
   hasRxWork(): boolean {
     if (this.pending !== 0) return true;
     if (this.state !== ConnState.ESTABLISHED) return false;
-    if ((this.guestShutdown & 1) !== 0) return false; // guest will not receive
+    if ((this.guestShutdown & VIRTIO_VSOCK_SHUTDOWN_F_RECEIVE) !== 0) return false;
     if (this.credit.peerFree() <= 0) return false;
     return this.fromHost !== null || (this.hostReadable && !this.hostEof);
   }
@@ -96,5 +174,372 @@ export class VsockConnection {
     return `${
       this.hostInitiated ? "host" : "guest"
     }-initiated 2:${this.localPort} <-> guest:${this.peerPort}`;
+  }
+
+  // --- packets from the guest ----------------------------------------------------------------
+
+  /** A guest packet for this connection (header validated, type STREAM). */
+  onGuestPacket(h: PacketHeader, chain: DescChain): void {
+    const hadCredit = this.credit.peerFree() > 0;
+    this.credit.updateFromPeer(h.bufAlloc, h.fwdCnt);
+    switch (h.op) {
+      case VIRTIO_VSOCK_OP_RW:
+        this.#guestData(chain, h.len);
+        break;
+      case VIRTIO_VSOCK_OP_RESPONSE:
+        this.#guestAccepted();
+        break;
+      case VIRTIO_VSOCK_OP_RST:
+        this.destroy(false);
+        return;
+      case VIRTIO_VSOCK_OP_SHUTDOWN:
+        this.#guestShutdown(h.flags);
+        break;
+      case VIRTIO_VSOCK_OP_CREDIT_REQUEST:
+        this.pending |= Pending.CREDIT_UPDATE;
+        this.ctx.scheduleRx(this);
+        break;
+      case VIRTIO_VSOCK_OP_CREDIT_UPDATE:
+        break;
+      case VIRTIO_VSOCK_OP_REQUEST:
+        // A REQUEST for a connection that exists: the guest lost track of it.
+        log.warn(`vsock: REQUEST for an existing connection (${this.describe()}); resetting it`);
+        this.reset();
+        return;
+    }
+    if (
+      this.state !== ConnState.CLOSED && !hadCredit && this.credit.peerFree() > 0 &&
+      this.hasRxWork()
+    ) {
+      this.ctx.scheduleRx(this);
+    }
+  }
+
+  #guestAccepted(): void {
+    if (this.state !== ConnState.CONNECTING) {
+      log.warn(`vsock: unexpected RESPONSE on ${this.describe()}; resetting`);
+      this.reset();
+      return;
+    }
+    this.timer?.cancel();
+    this.timer = null;
+    this.state = ConnState.ESTABLISHED;
+    const ok = new TextEncoder().encode(formatOkLine(this.localPort));
+    const n = writeRaw(this.hostFd, ok);
+    if (n !== ok.length) {
+      log.info(`vsock: host app of ${this.describe()} went away before OK; resetting`);
+      this.reset();
+      return;
+    }
+    this.watchHost();
+    this.ctx.guestAccepted(this.peerPort);
+    log.info(`vsock: established ${this.describe()}`);
+    if (this.hasRxWork()) this.ctx.scheduleRx(this);
+  }
+
+  #guestData(chain: DescChain, len: number): void {
+    if (len === 0) return;
+    if (
+      this.state !== ConnState.ESTABLISHED ||
+      (this.guestShutdown & VIRTIO_VSOCK_SHUTDOWN_F_SEND) !== 0
+    ) {
+      log.warn(`vsock: data on ${this.describe()} in the wrong state; resetting`);
+      this.reset();
+      return;
+    }
+    if (!this.credit.onReceived(len)) {
+      log.warn(`vsock: guest exceeded our credit on ${this.describe()}; resetting`);
+      this.reset();
+      return;
+    }
+    this.ctx.stats.txBytes += len;
+    if (this.toHost.length === 0 && !this.hostWriteShut) {
+      if (this.ctx.gather.add(this, chain, len)) return;
+      const iov = this.ctx.iov;
+      const iovs = chain.hostIovecs(chain.mem!, iov, VIRTIO_VSOCK_HDR_SIZE, len, false);
+      const dst = this.wroteToHost(writevRaw(this.hostFd, iov, iovs), len);
+      if (dst !== null) {
+        chain.readInto(dst, VIRTIO_VSOCK_HDR_SIZE + len - dst.length);
+        this.toHost.commit(dst.length);
+      }
+      return;
+    }
+    const dst = this.#queueToHost(len);
+    if (dst !== null) {
+      chain.readInto(dst, VIRTIO_VSOCK_HDR_SIZE);
+      this.toHost.commit(len);
+    }
+  }
+
+  /**
+   * Accounts a writev of `len` guest bytes to the host socket that returned `n`. Returns
+   * the space in `toHost` where the caller copies the bytes the socket did not take (the
+   * last `dst.length` of the `len`; then `toHost.commit(dst.length)`), or null when there
+   * is nothing to copy (all written, or the connection was reset).
+   */
+  wroteToHost(n: number, len: number): Uint8Array | null {
+    if (n < 0 && n !== -EAGAIN) {
+      log.info(`vsock: host app of ${this.describe()} closed (errno ${-n}); resetting`);
+      this.reset();
+      return null;
+    }
+    const written = n > 0 ? n : 0;
+    if (written > 0) this.#forwarded(written);
+    if (written >= len) return null;
+    return this.#queueToHost(len - written);
+  }
+
+  /** Room for `n` more bytes in the guest -> host backlog, or null (reset: overflow). */
+  #queueToHost(n: number): Uint8Array | null {
+    const dst = this.toHost.reserve(n);
+    if (dst === null) {
+      log.warn(`vsock: guest->host buffer overflow on ${this.describe()}; resetting`);
+      this.reset();
+    }
+    return dst;
+  }
+
+  /** `n` bytes reached the host app: credit goes back to the guest. */
+  #forwarded(n: number): void {
+    this.credit.onForwarded(n);
+    if (!this.closeWhenFlushed && this.credit.needsCreditUpdate()) {
+      this.pending |= Pending.CREDIT_UPDATE;
+      this.ctx.scheduleRx(this);
+    }
+  }
+
+  /** The host socket is writable again: drain what the guest sent meanwhile. */
+  flushToHost(): void {
+    while (this.toHost.length > 0) {
+      const data = this.toHost.peek();
+      const n = writeRaw(this.hostFd, data, data.length);
+      if (n === -EAGAIN) return;
+      if (n < 0) {
+        log.info(`vsock: host app of ${this.describe()} closed (errno ${-n}); resetting`);
+        this.reset();
+        return;
+      }
+      this.toHost.consume(n);
+      this.#forwarded(n);
+    }
+    if (this.closeWhenFlushed) {
+      this.reset();
+      return;
+    }
+    this.#maybeShutHostWrite();
+  }
+
+  #guestShutdown(flags: number): void {
+    this.guestShutdown |= flags & VIRTIO_VSOCK_SHUTDOWN_F_BOTH;
+    if (log.debugOn) log.debug(`vsock: guest shutdown flags ${flags} on ${this.describe()}`);
+    if ((this.guestShutdown & VIRTIO_VSOCK_SHUTDOWN_F_BOTH) === VIRTIO_VSOCK_SHUTDOWN_F_BOTH) {
+      // The guest is closing: hand over everything it sent, then close and confirm with
+      // RST. If the host app is slow, wait for the socket to drain (the guest waits for our
+      // RST up to its close timeout, 8 s on Linux, then resets the connection itself).
+      this.flushToHost();
+      if (this.state === ConnState.CLOSED) return;
+      if (this.toHost.length === 0) {
+        this.reset();
+      } else if (!this.closeWhenFlushed) {
+        this.closeWhenFlushed = true;
+        this.timer?.cancel();
+        this.timer = this.ctx.reactor.setTimer(CLOSE_DRAIN_TIMEOUT_MS, () => {
+          this.timer = null;
+          log.warn(
+            `vsock: host app of ${this.describe()} did not take ${this.toHost.length} bytes ` +
+              `within ${CLOSE_DRAIN_TIMEOUT_MS} ms of the guest closing; resetting`,
+          );
+          this.reset();
+        });
+      }
+      return;
+    }
+    this.#maybeShutHostWrite();
+    this.#maybeFinish();
+  }
+
+  #maybeShutHostWrite(): void {
+    if (
+      !this.hostWriteShut && this.toHost.length === 0 &&
+      (this.guestShutdown & VIRTIO_VSOCK_SHUTDOWN_F_SEND) !== 0
+    ) {
+      this.hostWriteShut = true;
+      shutdownRaw(this.hostFd, SHUT_WR);
+      this.#maybeFinish();
+    }
+  }
+
+  /** Both directions are done: close the host socket and tell the guest with RST. */
+  #maybeFinish(): void {
+    if (
+      this.state === ConnState.ESTABLISHED && this.hostEof && this.hostWriteShut &&
+      (this.pending & Pending.SHUTDOWN) === 0
+    ) {
+      if (log.debugOn) log.debug(`vsock: both directions closed on ${this.describe()}`);
+      this.reset();
+    }
+  }
+
+  // --- the host socket -----------------------------------------------------------------------
+
+  /** Watches the host socket (edge-triggered): writable drains `toHost`, readable feeds RX. */
+  watchHost(): void {
+    this.ctx.reactor.addFd(this.hostFd, EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET, (ev) => {
+      if (this.closed) return;
+      if ((ev & EPOLLOUT) !== 0 && this.toHost.length > 0) this.flushToHost();
+      if (this.closed) return;
+      if ((ev & ~EPOLLOUT) !== 0) {
+        this.hostReadable = true;
+        if (this.hasRxWork()) this.ctx.scheduleRx(this);
+      }
+    });
+  }
+
+  /** Host-initiated: owe the guest a REQUEST and give it `ms` to answer. */
+  offerToGuest(ms: number): void {
+    this.pending |= Pending.REQUEST;
+    this.timer = this.ctx.reactor.setTimer(ms, () => {
+      this.timer = null;
+      log.info(`vsock: guest did not accept ${this.describe()} within ${ms} ms`);
+      this.reset();
+    });
+    this.ctx.scheduleRx(this);
+  }
+
+  // --- packets to the guest ------------------------------------------------------------------
+
+  /** Fills `ctx.header` for a packet of this connection (credit stamped, except on RST). */
+  initHeader(op: number, flags = 0, len = 0): PacketHeader {
+    const h = this.ctx.header;
+    h.reset();
+    h.srcCid = VSOCK_HOST_CID;
+    h.dstCid = this.ctx.guestCid;
+    h.srcPort = this.localPort;
+    h.dstPort = this.peerPort;
+    h.len = len;
+    h.type = VIRTIO_VSOCK_TYPE_STREAM;
+    h.op = op;
+    h.flags = flags;
+    if (op !== VIRTIO_VSOCK_OP_RST) {
+      this.credit.stamp(h);
+      this.pending &= ~Pending.CREDIT_UPDATE;
+    }
+    return h;
+  }
+
+  /** Writes the next packet owed to the guest into `chain`; returns its length or -1. */
+  fillRx(chain: DescChain): number {
+    const p = this.pending;
+    if (p & Pending.RST) {
+      this.pending = 0;
+      return this.#emit(chain, VIRTIO_VSOCK_OP_RST);
+    }
+    if (p & Pending.REQUEST) {
+      this.pending &= ~Pending.REQUEST;
+      return this.#emit(chain, VIRTIO_VSOCK_OP_REQUEST);
+    }
+    if (p & Pending.RESPONSE) {
+      this.pending &= ~Pending.RESPONSE;
+      return this.#emit(chain, VIRTIO_VSOCK_OP_RESPONSE);
+    }
+    // Data before SHUTDOWN: the SHUTDOWN(SEND) for host EOF goes after the bytes read.
+    const data = this.#fillData(chain);
+    if (data >= 0) return data;
+    if (this.state === ConnState.CLOSED) return -1;
+    if (this.pending & Pending.SHUTDOWN) {
+      this.pending &= ~Pending.SHUTDOWN;
+      const len = this.#emit(chain, VIRTIO_VSOCK_OP_SHUTDOWN, this.shutdownFlagsToSend);
+      this.#maybeFinish();
+      return len;
+    }
+    if (this.pending & Pending.CREDIT_UPDATE) {
+      this.pending &= ~Pending.CREDIT_UPDATE;
+      return this.#emit(chain, VIRTIO_VSOCK_OP_CREDIT_UPDATE);
+    }
+    return -1;
+  }
+
+  /** A header-only packet. */
+  #emit(chain: DescChain, op: number, flags = 0): number {
+    this.initHeader(op, flags);
+    this.ctx.emit(chain);
+    return VIRTIO_VSOCK_HDR_SIZE;
+  }
+
+  /** One RW packet from early bytes or the host socket; -1 if there is none to send. */
+  #fillData(chain: DescChain): number {
+    if (this.state !== ConnState.ESTABLISHED) return -1;
+    if ((this.guestShutdown & VIRTIO_VSOCK_SHUTDOWN_F_RECEIVE) !== 0) return -1;
+    const credit = this.credit.peerFree();
+    if (credit <= 0) return -1;
+    const max = Math.min(chain.writableLen - VIRTIO_VSOCK_HDR_SIZE, credit, MAX_PKT_PAYLOAD);
+    if (max <= 0) return -1;
+    let n: number;
+    if (this.fromHost !== null) {
+      const early = this.fromHost;
+      n = Math.min(max, early.length);
+      chain.writeFrom(early.subarray(0, n), VIRTIO_VSOCK_HDR_SIZE);
+      this.fromHost = n < early.length ? early.subarray(n) : null;
+    } else {
+      if (!this.hostReadable || this.hostEof) return -1;
+      const iov = this.ctx.iov;
+      const iovs = chain.hostIovecs(chain.mem!, iov, VIRTIO_VSOCK_HDR_SIZE, max, true);
+      n = readvRaw(this.hostFd, iov, iovs);
+      if (n === -EAGAIN) {
+        this.hostReadable = false;
+        return -1;
+      }
+      if (n === 0) {
+        // Host EOF: half-close toward the guest (SHUTDOWN with SEND only).
+        this.hostReadable = false;
+        this.hostEof = true;
+        this.shutdownFlagsToSend = VIRTIO_VSOCK_SHUTDOWN_F_SEND;
+        this.pending |= Pending.SHUTDOWN;
+        if (log.debugOn) log.debug(`vsock: host EOF on ${this.describe()}`);
+        return -1;
+      }
+      if (n < 0) {
+        log.info(`vsock: host socket error on ${this.describe()} (errno ${-n}); resetting`);
+        this.reset();
+        return -1;
+      }
+      chain.markWritten(VIRTIO_VSOCK_HDR_SIZE, n);
+    }
+    this.credit.consumeTx(n);
+    this.ctx.stats.rxBytes += n;
+    this.initHeader(VIRTIO_VSOCK_OP_RW, 0, n);
+    this.ctx.emit(chain);
+    return VIRTIO_VSOCK_HDR_SIZE + n;
+  }
+
+  // --- teardown ------------------------------------------------------------------------------
+
+  /** Ends the connection: closes the host socket and owes the guest an RST. */
+  reset(): void {
+    if (this.state === ConnState.CLOSED) return;
+    this.destroy(true);
+  }
+
+  /** Closes the host side (once); with `sendRst` the guest is owed an RST. */
+  destroy(sendRst: boolean): void {
+    if (this.state !== ConnState.CLOSED) {
+      this.state = ConnState.CLOSED;
+      this.timer?.cancel();
+      this.timer = null;
+      this.ctx.reactor.removeFd(this.hostFd);
+      close(this.hostFd);
+      this.hostFd = -1;
+      this.toHost.clear();
+      this.fromHost = null;
+      this.ctx.forget(this);
+      this.ctx.stats.resets++;
+      if (log.debugOn) log.debug(`vsock: closed ${this.describe()}`);
+    }
+    if (sendRst) {
+      this.pending = Pending.RST;
+      this.ctx.scheduleRx(this);
+    } else {
+      this.pending = 0;
+    }
   }
 }

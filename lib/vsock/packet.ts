@@ -28,6 +28,7 @@
  * which is the router's business, not a reason to drop the packet.
  */
 
+import type { DescChain } from "../virtio/desc_chain.ts";
 import {
   MAX_PKT_PAYLOAD,
   opName,
@@ -152,6 +153,29 @@ export class PacketHeader {
       `${cid(this.srcCid, this.srcCidHi)}:${this.srcPort} -> ` +
       `${cid(this.dstCid, this.dstCidHi)}:${this.dstPort} len=${this.len} ` +
       `flags=0x${this.flags.toString(16)} buf_alloc=${this.bufAlloc} fwd_cnt=${this.fwdCnt}`;
+  }
+}
+
+/**
+ * A reusable header with its 44-byte wire buffer, to read headers out of and write them
+ * into descriptor chains without allocating (one per device, shared by its tx and rx paths).
+ */
+export class HeaderScratch {
+  readonly h: PacketHeader = new PacketHeader();
+  readonly bytes: Uint8Array = new Uint8Array(VIRTIO_VSOCK_HDR_SIZE);
+  readonly view: DataView = new DataView(this.bytes.buffer);
+
+  /** Decodes the header at the start of the chain's readable part (the caller checked
+   * that it holds at least VIRTIO_VSOCK_HDR_SIZE bytes). */
+  readFrom(chain: DescChain): PacketHeader {
+    chain.readInto(this.bytes, 0);
+    return this.h.decodeFrom(this.view, 0);
+  }
+
+  /** Encodes `h` at the start of the chain's writable part. */
+  writeTo(chain: DescChain): void {
+    this.h.encodeTo(this.view, 0);
+    chain.writeFrom(this.bytes, 0);
   }
 }
 

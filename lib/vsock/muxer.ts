@@ -1,0 +1,383 @@
+/**
+ * The muxer: routes vsock packets between the guest, host applications and sibling VMs
+ * (Firecracker's `unix/muxer.rs` plays the same part).
+ *
+ * Guest -> host (tx), for each validated guest packet:
+ * - `src_cid` must be the guest's CID: a packet "from" another CID is dropped (an RST "from"
+ *   its destination would end the guest's real connection on those ports), as Linux's
+ *   vhost-vsock does; other malformed headers get an RST;
+ * - an unknown socket type gets an RST;
+ * - a packet for another guest CID goes to the sibling VM sharing a group, or gets an RST;
+ * - a packet for CID 2 goes to its connection (keyed by host port, guest port); a REQUEST
+ *   with no connection connects to `<uds_path>_<port>` (RST if nothing listens there or the
+ *   connection limit is reached); anything else with no connection gets an RST.
+ *
+ * Host -> guest: a host app that completed `CONNECT <port>\n` on `<uds_path>` (see
+ * `host_listener.ts`) becomes a host-initiated connection with a local port allocated from
+ * [2^30, 2^31) that no open connection uses; the guest is sent a REQUEST.
+ *
+ * Rx buffers are shared out by the RX scheduler (`rx_scheduler.ts`): orphan RSTs first,
+ * then sibling packets and connections taking turns.
+ */
+import { close, connectUnix, SysError } from "../../ffi/mod.ts";
+import { log } from "../log.ts";
+import type { Reactor } from "../reactor.ts";
+import type { DescChain } from "../virtio/desc_chain.ts";
+import { ConnectionTable } from "./connection_table.ts";
+import { type ConnectionContext, ConnState, Pending, VsockConnection } from "./connection.ts";
+import {
+  opName,
+  VIRTIO_VSOCK_HDR_SIZE,
+  VIRTIO_VSOCK_OP_REQUEST,
+  VIRTIO_VSOCK_OP_RST,
+  VIRTIO_VSOCK_OP_RW,
+  VIRTIO_VSOCK_TYPE_STREAM,
+  VSOCK_HOST_CID,
+} from "./constants.ts";
+import { HostListener } from "./host_listener.ts";
+import { HeaderError, HeaderScratch, type PacketHeader, validateHeader } from "./packet.ts";
+import { RxScheduler } from "./rx_scheduler.ts";
+import { type SiblingEndpoint, SiblingHub, type SiblingPacket } from "./sibling_hub.ts";
+import { SiblingInbox } from "./sibling_inbox.ts";
+import type { DeviceStats } from "./stats.ts";
+import { TxGather } from "./tx_gather.ts";
+
+/** How a device is configured (one VM). */
+export interface VsockDeviceOptions {
+  guestCid: number;
+  /** hybrid vsock socket of the host side */
+  udsPath: string;
+  /** per-connection guest->host buffer, advertised to the guest as buf_alloc */
+  txBufferSize: number;
+  /** largest queue size accepted */
+  queueSize: number;
+  connectTimeoutMs: number;
+  maxConnections: number;
+  /** sibling groups (`--groups`); VMs of one daemon sharing a group reach each other */
+  groups?: readonly string[];
+  /** the daemon's switch between sibling VMs */
+  hub?: SiblingHub;
+}
+
+/** Most iovecs one packet's payload may use. */
+const MAX_IOV = 64;
+/** First port of the range host-initiated connections get (Firecracker's choice). */
+const HOST_PORT_FIRST = 1 << 30;
+/** End (exclusive) of that range. */
+const HOST_PORT_END = 2 ** 31;
+
+export class VsockMuxer implements ConnectionContext, SiblingEndpoint {
+  reactor!: Reactor;
+  readonly gather: TxGather = new TxGather();
+  readonly iov: BigUint64Array = new BigUint64Array(2 * MAX_IOV);
+  readonly scratch: HeaderScratch = new HeaderScratch();
+  readonly header: PacketHeader = this.scratch.h;
+  readonly scheduler: RxScheduler = new RxScheduler();
+  readonly #inbox = new SiblingInbox();
+  readonly #conns = new ConnectionTable();
+  #host: HostListener | null = null;
+  /** alternates RX turns between sibling packets and host connections */
+  #siblingTurn = false;
+  /** malformed packets seen (the first few are logged, then one in a thousand) */
+  #badPackets = 0;
+  #nextHostPort = HOST_PORT_FIRST;
+  /** guest ports host apps reached (listeners the driver keeps across a transport reset) */
+  readonly guestListenerPorts: Set<number> = new Set<number>();
+
+  constructor(
+    readonly options: VsockDeviceOptions,
+    readonly stats: DeviceStats,
+    /** asks the device to run its rx loop at the end of this reactor batch */
+    readonly requestRx: () => void,
+  ) {}
+
+  get guestCid(): number {
+    return this.options.guestCid;
+  }
+
+  get groups(): readonly string[] {
+    return this.options.groups ?? [];
+  }
+
+  get connectionCount(): number {
+    return this.#conns.size;
+  }
+
+  /** Starts serving host apps on `<uds_path>` and joins the sibling switch. */
+  attach(reactor: Reactor): void {
+    this.reactor = reactor;
+    this.#host = new HostListener(
+      reactor,
+      this.options.udsPath,
+      (fd, port, early) => this.#hostConnect(fd, port, early),
+      this.options.connectTimeoutMs,
+      this.options.maxConnections,
+    );
+    this.#host.listen();
+    this.options.hub?.register(this);
+  }
+
+  // --- ConnectionContext ---------------------------------------------------------------------
+
+  emit(chain: DescChain): void {
+    this.scratch.writeTo(chain);
+    this.stats.rxPackets++;
+    if (log.traceOn) {
+      log.trace(`vsock: rx ${this.header.describe()} op=${opName(this.header.op)}`);
+    }
+  }
+
+  scheduleRx(c: VsockConnection): void {
+    this.scheduler.schedule(c);
+    this.requestRx();
+  }
+
+  forget(c: VsockConnection): void {
+    this.#conns.delete(c);
+  }
+
+  guestAccepted(port: number): void {
+    this.guestListenerPorts.add(port);
+  }
+
+  // --- guest -> host -------------------------------------------------------------------------
+
+  /** Routes one guest packet (a chain with at least a header's worth of readable bytes). */
+  txPacket(chain: DescChain): void {
+    const h = this.scratch.readFrom(chain);
+    const gathering = this.gather.conn;
+    if (
+      gathering !== null &&
+      (h.op !== VIRTIO_VSOCK_OP_RW || h.dstPort !== gathering.localPort ||
+        h.srcPort !== gathering.peerPort)
+    ) {
+      this.gather.flush();
+    }
+    this.stats.txPackets++;
+    if (log.traceOn) log.trace(`vsock: tx ${h.describe()}`);
+    const bad = validateHeader(h, this.options.guestCid, chain.readableLen - VIRTIO_VSOCK_HDR_SIZE);
+    if (bad !== null) {
+      this.#badPackets++;
+      if (this.#badPackets <= 10 || this.#badPackets % 1000 === 0 || log.debugOn) {
+        log.warn(
+          `vsock: bad packet from guest (${bad}; ${this.#badPackets} so far): ${h.describe()}`,
+        );
+      }
+      // A packet that is not from this guest's CID is dropped, as Linux's vhost-vsock does:
+      // an RST "from" its destination would end the guest's real connection on those ports.
+      if (bad === HeaderError.SRC_CID || bad === HeaderError.SRC_CID_HIGH) return;
+      if (h.op !== VIRTIO_VSOCK_OP_RST) this.orphanReset(h);
+      return;
+    }
+    if (h.type !== VIRTIO_VSOCK_TYPE_STREAM) {
+      if (log.debugOn) log.debug(`vsock: unsupported socket type ${h.type}; RST`);
+      if (h.op !== VIRTIO_VSOCK_OP_RST) this.orphanReset(h);
+      return;
+    }
+    if (h.dstCid !== VSOCK_HOST_CID) {
+      this.#toSibling(h, chain);
+      return;
+    }
+    const c = this.#conns.get(h.dstPort, h.srcPort);
+    if (c !== undefined) c.onGuestPacket(h, chain);
+    else if (h.op === VIRTIO_VSOCK_OP_REQUEST) this.#guestConnect(h);
+    else if (h.op !== VIRTIO_VSOCK_OP_RST) this.orphanReset(h);
+  }
+
+  /** The guest connects to a host service: `<uds_path>_<port>`. */
+  #guestConnect(h: PacketHeader): void {
+    const port = h.dstPort;
+    if (this.#conns.size >= this.options.maxConnections) {
+      log.warn(`vsock: connection limit (${this.options.maxConnections}) reached; RST to guest`);
+      this.orphanReset(h);
+      return;
+    }
+    const path = `${this.options.udsPath}_${port}`;
+    let fd: number;
+    try {
+      fd = connectUnix(path);
+    } catch (e) {
+      const code = e instanceof SysError ? e.code : String(e);
+      log.info(`vsock: guest port ${h.srcPort} -> host port ${port}: ${path}: ${code}; RST`);
+      this.orphanReset(h);
+      return;
+    }
+    const c = new VsockConnection(
+      this,
+      port,
+      h.srcPort,
+      fd,
+      ConnState.ESTABLISHED,
+      this.options.txBufferSize,
+      false,
+    );
+    c.credit.updateFromPeer(h.bufAlloc, h.fwdCnt);
+    this.#conns.add(c);
+    c.watchHost();
+    c.pending |= Pending.RESPONSE;
+    this.scheduleRx(c);
+    log.info(`vsock: connected ${c.describe()} (${path})`);
+  }
+
+  /** Owes the guest an RST answering `h` (a packet that matched no connection). */
+  orphanReset(h: PacketHeader): void {
+    this.scheduler.addOrphan({
+      localPort: h.dstPort,
+      peerPort: h.srcPort,
+      srcCid: h.dstCidHi === 0 && h.dstCid !== this.options.guestCid ? h.dstCid : VSOCK_HOST_CID,
+      type: h.type,
+    });
+    this.requestRx();
+  }
+
+  // --- host -> guest -------------------------------------------------------------------------
+
+  /** A host app completed `CONNECT <port>`: ask the guest. */
+  #hostConnect(fd: number, port: number, early: Uint8Array | null): void {
+    if (this.#conns.size >= this.options.maxConnections) {
+      log.warn(
+        `vsock: connection limit (${this.options.maxConnections}) reached; host app refused`,
+      );
+      close(fd);
+      return;
+    }
+    const localPort = this.#allocHostPort(port);
+    const c = new VsockConnection(
+      this,
+      localPort,
+      port,
+      fd,
+      ConnState.CONNECTING,
+      this.options.txBufferSize,
+      true,
+    );
+    c.fromHost = early;
+    this.#conns.add(c);
+    c.offerToGuest(this.options.connectTimeoutMs);
+    log.info(`vsock: host app connecting to guest port ${port} (host port ${localPort})`);
+  }
+
+  #allocHostPort(guestPort: number): number {
+    for (;;) {
+      const p = this.#nextHostPort;
+      this.#nextHostPort = p + 1 >= HOST_PORT_END ? HOST_PORT_FIRST : p + 1;
+      if (!this.#conns.has(p, guestPort)) return p;
+    }
+  }
+
+  // --- rx buffers ----------------------------------------------------------------------------
+
+  /** Something is owed to the guest. */
+  hasRxWork(): boolean {
+    return this.scheduler.orphanCount > 0 || this.scheduler.hasFlows || this.#inbox.hasWork;
+  }
+
+  /** Writes the next packet owed to the guest into `chain`; returns its length or -1. */
+  fillRx(chain: DescChain): number {
+    const orphan = this.scheduler.nextOrphan();
+    if (orphan !== undefined) {
+      const h = this.header;
+      h.reset();
+      h.srcCid = orphan.srcCid;
+      h.dstCid = this.options.guestCid;
+      h.srcPort = orphan.localPort;
+      h.dstPort = orphan.peerPort;
+      h.type = orphan.type;
+      h.op = VIRTIO_VSOCK_OP_RST;
+      this.emit(chain);
+      return VIRTIO_VSOCK_HDR_SIZE;
+    }
+    const siblings = this.#inbox.hasWork;
+    if (siblings && (this.#siblingTurn || !this.scheduler.hasFlows)) {
+      this.#siblingTurn = false;
+      return this.#fillFromSibling(chain);
+    }
+    this.#siblingTurn = siblings;
+    for (let c = this.scheduler.nextFlow(); c !== undefined; c = this.scheduler.nextFlow()) {
+      if (c.state === ConnState.CLOSED && (c.pending & Pending.RST) === 0) continue;
+      const len = c.fillRx(chain);
+      if (c.state !== ConnState.CLOSED || (c.pending & Pending.RST) !== 0) {
+        if (c.hasRxWork()) this.scheduleRx(c);
+      }
+      if (len >= 0) return len;
+    }
+    return siblings ? this.#fillFromSibling(chain) : -1;
+  }
+
+  // --- sibling VMs ---------------------------------------------------------------------------
+
+  /** A guest packet for another CID: switch it to a sibling sharing a group, or RST. */
+  #toSibling(h: PacketHeader, chain: DescChain): void {
+    const to = this.options.hub?.route(this, h.dstCid);
+    if (to === undefined) {
+      if (log.debugOn) {
+        log.debug(`vsock: packet for CID ${h.dstCid} (no sibling in our groups); RST`);
+      }
+      if (h.op !== VIRTIO_VSOCK_OP_RST) this.orphanReset(h);
+      return;
+    }
+    let payload: Uint8Array | null = null;
+    if (h.len > 0) {
+      payload = new Uint8Array(h.len);
+      chain.readInto(payload, VIRTIO_VSOCK_HDR_SIZE);
+    }
+    if (!to.acceptFromSibling(SiblingHub.packet(h, payload))) {
+      log.warn(`vsock: CID ${h.dstCid} is not taking packets (queue full); RST to the sender`);
+      if (h.op !== VIRTIO_VSOCK_OP_RST) this.orphanReset(h);
+    }
+  }
+
+  acceptFromSibling(p: SiblingPacket): boolean {
+    if (!this.#inbox.accept(p)) return false;
+    this.requestRx();
+    return true;
+  }
+
+  #fillFromSibling(chain: DescChain): number {
+    const n = this.#inbox.fill(chain, this.scratch, this.options.guestCid);
+    if (n >= 0) this.stats.rxPackets++;
+    return n;
+  }
+
+  // --- life cycle ----------------------------------------------------------------------------
+
+  /** Closes every connection (no RST: the guest's side is gone too) and forgets what is owed. */
+  reset(): number {
+    const n = this.#conns.size;
+    for (const c of [...this.#conns.all()]) c.destroy(false);
+    this.scheduler.clear();
+    this.#inbox.clear();
+    return n;
+  }
+
+  /**
+   * A device state was loaded: the guest's connections are gone after its transport reset,
+   * so ours are closed on the host side too; host connects not yet offered to the guest
+   * (REQUEST not sent) are kept. Returns how many were closed.
+   */
+  closeForLoad(): number {
+    let closed = 0;
+    for (const c of [...this.#conns.all()]) {
+      if (c.state === ConnState.CONNECTING && (c.pending & Pending.REQUEST) !== 0) continue;
+      c.destroy(false);
+      closed++;
+    }
+    this.scheduler.clearOrphans();
+    return closed;
+  }
+
+  /** Connections as a saved state lists them. */
+  savedConnections(): { localPort: number; peerPort: number; hostInitiated: boolean }[] {
+    return [...this.#conns.all()].map((c) => ({
+      localPort: c.localPort,
+      peerPort: c.peerPort,
+      hostInitiated: c.hostInitiated,
+    }));
+  }
+
+  /** Stops serving host apps and leaves the sibling switch. */
+  dispose(): void {
+    this.#host?.close();
+    this.options.hub?.unregister(this);
+  }
+}

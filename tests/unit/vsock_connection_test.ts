@@ -1,0 +1,301 @@
+/**
+ * The connection state machine on its own, without virtqueues (as Firecracker's csm tests
+ * do): a `VsockConnection` over a real host socket pair, handed descriptor chains built by
+ * hand over real guest RAM, with a recording context in place of the muxer.
+ */
+import assert from "node:assert/strict";
+import { close, readRaw, SHUT_WR, shutdownRaw, unixSocketPair, writeRaw } from "../../ffi/mod.ts";
+import { Reactor } from "../../lib/reactor.ts";
+import { DescChain } from "../../lib/virtio/desc_chain.ts";
+import {
+  type ConnectionContext,
+  ConnState,
+  Pending,
+  VsockConnection,
+} from "../../lib/vsock/connection.ts";
+import {
+  VIRTIO_VSOCK_HDR_SIZE,
+  VIRTIO_VSOCK_OP_CREDIT_REQUEST,
+  VIRTIO_VSOCK_OP_REQUEST,
+  VIRTIO_VSOCK_OP_RESPONSE,
+  VIRTIO_VSOCK_OP_RST,
+  VIRTIO_VSOCK_OP_RW,
+  VIRTIO_VSOCK_OP_SHUTDOWN,
+  VIRTIO_VSOCK_SHUTDOWN_F_BOTH,
+  VIRTIO_VSOCK_SHUTDOWN_F_SEND,
+  VIRTIO_VSOCK_TYPE_STREAM,
+} from "../../lib/vsock/constants.ts";
+import { HeaderScratch, PacketHeader } from "../../lib/vsock/packet.ts";
+import { newDeviceStats } from "../../lib/vsock/stats.ts";
+import { TxGather } from "../../lib/vsock/tx_gather.ts";
+import { GuestRam } from "../../lib/testing/guest_ram.ts";
+
+const GUEST_CID = 3;
+const BUF = 64 * 1024;
+
+/** A context that records what the connection asks of the muxer. */
+class Ctx implements ConnectionContext {
+  readonly reactor = new Reactor();
+  readonly guestCid = GUEST_CID;
+  readonly stats = newDeviceStats();
+  readonly gather = new TxGather();
+  readonly iov = new BigUint64Array(2 * 64);
+  readonly scratch = new HeaderScratch();
+  readonly header = this.scratch.h;
+  scheduled = 0;
+  forgotten: VsockConnection[] = [];
+  accepted: number[] = [];
+  emit(chain: DescChain): void {
+    this.scratch.writeTo(chain);
+  }
+  scheduleRx(_c: VsockConnection): void {
+    this.scheduled++;
+  }
+  forget(c: VsockConnection): void {
+    this.forgotten.push(c);
+  }
+  guestAccepted(port: number): void {
+    this.accepted.push(port);
+  }
+}
+
+/** Guest RAM plus helpers to build tx and rx chains by hand. */
+class Guest {
+  readonly ram = new GuestRam({ regions: [{ gpa: 0, size: 1 << 20 }] });
+  readonly chain = new DescChain(16);
+
+  /** A tx chain: header + payload in one readable buffer. */
+  tx(h: PacketHeader, payload: Uint8Array = new Uint8Array(0)): DescChain {
+    const gpa = this.ram.alloc(VIRTIO_VSOCK_HDR_SIZE + payload.length + 1);
+    const bytes = new Uint8Array(VIRTIO_VSOCK_HDR_SIZE + payload.length);
+    h.len = payload.length;
+    h.encodeTo(new DataView(bytes.buffer), 0);
+    bytes.set(payload, VIRTIO_VSOCK_HDR_SIZE);
+    this.ram.write(gpa, bytes);
+    return this.#one(gpa, bytes.length, false);
+  }
+
+  /** An rx chain of `size` writable bytes. */
+  rx(size: number): DescChain {
+    return this.#one(this.ram.alloc(size), size, true);
+  }
+
+  /** The header and payload the device wrote into the last rx chain. */
+  written(c: DescChain): { h: PacketHeader; payload: Uint8Array } {
+    const gpa = c.gpaOf(0);
+    const bytes = this.ram.read(gpa, c.len[0]);
+    const h = new PacketHeader().decodeFrom(new DataView(bytes.buffer), 0);
+    return { h, payload: bytes.slice(VIRTIO_VSOCK_HDR_SIZE, VIRTIO_VSOCK_HDR_SIZE + h.len) };
+  }
+
+  #one(gpa: number, len: number, writable: boolean): DescChain {
+    const c = this.chain;
+    c.reset(this.ram, 0);
+    c.region[0] = 0;
+    c.offset[0] = gpa;
+    c.len[0] = len;
+    c.count = 1;
+    c.readableCount = writable ? 0 : 1;
+    c.readableLen = writable ? 0 : len;
+    c.writableLen = writable ? len : 0;
+    return c;
+  }
+}
+
+function guestHeader(op: number, conn: VsockConnection, flags = 0): PacketHeader {
+  const h = new PacketHeader();
+  h.srcCid = GUEST_CID;
+  h.dstCid = 2;
+  h.srcPort = conn.peerPort;
+  h.dstPort = conn.localPort;
+  h.type = VIRTIO_VSOCK_TYPE_STREAM;
+  h.op = op;
+  h.flags = flags;
+  h.bufAlloc = BUF;
+  h.fwdCnt = 0;
+  return h;
+}
+
+/** The guest sends `op` (with `payload`) on `c`: header and chain as the muxer would hand them. */
+function send(g: Guest, c: VsockConnection, op: number, payload?: Uint8Array, flags = 0): void {
+  const h = guestHeader(op, c, flags);
+  const chain = g.tx(h, payload);
+  c.onGuestPacket(h, chain);
+}
+
+/** A guest-initiated, established connection to host port 5000 over a socket pair. */
+function established(ctx: Ctx): { c: VsockConnection; app: number } {
+  const [ours, app] = unixSocketPair();
+  const c = new VsockConnection(ctx, 5000, 1234, ours, ConnState.ESTABLISHED, BUF, false);
+  c.credit.updateFromPeer(BUF, 0);
+  c.watchHost();
+  return { c, app };
+}
+
+function readAll(fd: number, n: number): Uint8Array {
+  const out = new Uint8Array(n);
+  let got = 0;
+  while (got < n) {
+    const r = readRaw(fd, out.subarray(got));
+    if (r <= 0) break;
+    got += r;
+  }
+  return out.subarray(0, got);
+}
+
+Deno.test("connection: guest RW reaches the host socket and credit comes back", () => {
+  const ctx = new Ctx();
+  const g = new Guest();
+  const { c, app } = established(ctx);
+  try {
+    const data = new TextEncoder().encode("hello host");
+    send(g, c, VIRTIO_VSOCK_OP_RW, data);
+    ctx.gather.flush();
+    assert.deepEqual(readAll(app, data.length), data);
+    assert.equal(c.credit.fwdCnt, data.length);
+    assert.equal(ctx.stats.txBytes, data.length);
+  } finally {
+    c.destroy(false);
+    close(app);
+    ctx.reactor.close();
+    g.ram.close();
+  }
+});
+
+Deno.test("connection: host bytes become one RW packet with our credit stamped", () => {
+  const ctx = new Ctx();
+  const g = new Guest();
+  const { c, app } = established(ctx);
+  try {
+    writeRaw(app, new TextEncoder().encode("from the host"));
+    c.hostReadable = true;
+    assert.ok(c.hasRxWork());
+    const rx = g.rx(4096);
+    const len = c.fillRx(rx);
+    const { h, payload } = g.written(rx);
+    assert.equal(len, VIRTIO_VSOCK_HDR_SIZE + 13);
+    assert.equal(h.op, VIRTIO_VSOCK_OP_RW);
+    assert.equal(h.srcPort, 5000);
+    assert.equal(h.dstPort, 1234);
+    assert.equal(h.dstCid, GUEST_CID);
+    assert.equal(h.bufAlloc, BUF);
+    assert.equal(new TextDecoder().decode(payload), "from the host");
+    assert.equal(c.credit.txCnt, 13);
+    // Nothing more on the socket: no packet, and the connection stops asking.
+    assert.equal(c.fillRx(g.rx(4096)), -1);
+    assert.equal(c.hasRxWork(), false);
+  } finally {
+    c.destroy(false);
+    close(app);
+    ctx.reactor.close();
+    g.ram.close();
+  }
+});
+
+Deno.test("connection: half-close both ways, then RST and the host socket closed", () => {
+  const ctx = new Ctx();
+  const g = new Guest();
+  const { c, app } = established(ctx);
+  try {
+    // Host EOF -> SHUTDOWN(SEND) only.
+    shutdownRaw(app, SHUT_WR);
+    c.hostReadable = true;
+    const rx = g.rx(4096);
+    assert.equal(c.fillRx(rx), VIRTIO_VSOCK_HDR_SIZE); // reads EOF, sends SHUTDOWN at once
+    assert.ok(c.hostEof);
+    const { h } = g.written(rx);
+    assert.equal(h.op, VIRTIO_VSOCK_OP_SHUTDOWN);
+    assert.equal(h.flags, VIRTIO_VSOCK_SHUTDOWN_F_SEND);
+    assert.equal(c.state, ConnState.ESTABLISHED);
+    // Guest SHUTDOWN(SEND): the host app reads EOF; both directions done -> RST owed.
+    send(g, c, VIRTIO_VSOCK_OP_SHUTDOWN, undefined, VIRTIO_VSOCK_SHUTDOWN_F_SEND);
+    assert.equal(c.state, ConnState.CLOSED);
+    assert.equal(c.pending, Pending.RST);
+    assert.deepEqual(ctx.forgotten, [c]);
+    const rst = g.rx(4096);
+    assert.equal(c.fillRx(rst), VIRTIO_VSOCK_HDR_SIZE);
+    assert.equal(g.written(rst).h.op, VIRTIO_VSOCK_OP_RST);
+    assert.equal(readRaw(app, new Uint8Array(8)), 0); // EOF: our end is closed
+  } finally {
+    close(app);
+    ctx.reactor.close();
+    g.ram.close();
+  }
+});
+
+Deno.test("connection: host-initiated REQUEST, RESPONSE writes OK, CREDIT_REQUEST is answered", () => {
+  const ctx = new Ctx();
+  const g = new Guest();
+  const [ours, app] = unixSocketPair();
+  const c = new VsockConnection(ctx, 1 << 30, 7000, ours, ConnState.CONNECTING, BUF, true);
+  try {
+    c.offerToGuest(60_000);
+    const req = g.rx(4096);
+    assert.equal(c.fillRx(req), VIRTIO_VSOCK_HDR_SIZE);
+    assert.equal(g.written(req).h.op, VIRTIO_VSOCK_OP_REQUEST);
+    send(g, c, VIRTIO_VSOCK_OP_RESPONSE);
+    assert.equal(c.state, ConnState.ESTABLISHED);
+    assert.equal(c.timer, null);
+    assert.deepEqual(ctx.accepted, [7000]);
+    assert.equal(new TextDecoder().decode(readAll(app, 14)), `OK ${1 << 30}\n`);
+    send(g, c, VIRTIO_VSOCK_OP_CREDIT_REQUEST);
+    const upd = g.rx(4096);
+    assert.equal(c.fillRx(upd), VIRTIO_VSOCK_HDR_SIZE);
+    assert.equal(g.written(upd).h.bufAlloc, BUF);
+  } finally {
+    c.destroy(false);
+    close(app);
+    ctx.reactor.close();
+    g.ram.close();
+  }
+});
+
+Deno.test("connection: a guest that exceeds our credit is reset", () => {
+  const ctx = new Ctx();
+  const g = new Guest();
+  const [ours, app] = unixSocketPair();
+  const c = new VsockConnection(ctx, 5000, 1234, ours, ConnState.ESTABLISHED, 16, false);
+  try {
+    send(g, c, VIRTIO_VSOCK_OP_RW, new Uint8Array(17));
+    assert.equal(c.state, ConnState.CLOSED);
+    assert.equal(c.pending, Pending.RST);
+  } finally {
+    close(app);
+    ctx.reactor.close();
+    g.ram.close();
+  }
+});
+
+Deno.test("connection: a guest close with bytes still queued drains them before the RST", () => {
+  const ctx = new Ctx();
+  const g = new Guest();
+  const { c, app } = established(ctx);
+  try {
+    // The app does not read: fill its socket, the rest waits in toHost.
+    const chunk = new Uint8Array(60_000).fill(7);
+    let sent = 0;
+    while (c.toHost.length === 0 && sent < 4 << 20) {
+      send(g, c, VIRTIO_VSOCK_OP_RW, chunk);
+      ctx.gather.flush();
+      sent += chunk.length;
+      // Return credit as the guest would see it, so it may keep sending.
+      c.credit.rxLimit = Infinity;
+    }
+    assert.ok(c.toHost.length > 0, "the host socket never filled");
+    send(g, c, VIRTIO_VSOCK_OP_SHUTDOWN, undefined, VIRTIO_VSOCK_SHUTDOWN_F_BOTH);
+    assert.equal(c.state, ConnState.ESTABLISHED);
+    assert.ok(c.closeWhenFlushed);
+    const got = readAll(app, sent);
+    assert.equal(got.length, sent - c.toHost.length);
+    c.flushToHost();
+    const rest = readAll(app, sent);
+    assert.equal(got.length + rest.length, sent);
+    assert.equal(c.state, ConnState.CLOSED);
+    assert.equal(c.pending, Pending.RST);
+  } finally {
+    c.destroy(false);
+    close(app);
+    ctx.reactor.close();
+    g.ram.close();
+  }
+});

@@ -13,10 +13,10 @@
  * them into host apps that read slowly, so the backend must buffer and hold credit back until
  * the guest closes), a refused guest connect, a driver unload/reload (rmmod + modprobe)
  * between two transfers, and a driver reset (sysfs unbind + bind: rmmod is refused while a
- * socket is open) under a live host connection. The seed-000 scenario ("kick after start": a host CONNECT queued
- * while the guest is still booting is answered the moment the driver starts the rings) needs
- * its own boot: the guest starts its listener from a boot hook, before the vsock driver
- * probes the device, and the backend runs with a 60 s connect timeout so that only the
+ * socket is open) under a live host connection. The "kick after start" scenario (a host
+ * CONNECT queued while the guest is still booting is answered the moment the driver starts the
+ * rings) needs its own boot: the guest starts its listener from a boot hook, before the vsock
+ * driver probes the device, and the backend runs with a 60 s connect timeout so that only the
  * kick-after-start path, not a retry after a timeout, can answer within a second.
  *
  * Every wait on the guest has a deadline; a timeout quotes the tail of the guest console and
@@ -52,7 +52,7 @@ const LISTEN_TIMEOUT_MS = 15_000;
  * doesn't work!", a panic at boot); the check is pointless on a virtual machine.
  */
 const GUEST_KERNEL_ARGS = "no_timer_check";
-/** Seed 000: the queued CONNECT must be answered within this long after the guest is ready. */
+/** Kick after start: the queued CONNECT must be answered this soon after the guest is ready. */
 const EARLY_CONNECT_MAX_MS = 1_000;
 /** A refused guest connect must fail faster than this (no connect timeout involved). */
 const REFUSED_MAX_MS = 2_000;
@@ -336,7 +336,7 @@ const TRANSPORT_DRIVER_DIR = "/sys/bus/virtio/drivers/vmw_vsock_virtio_transport
 const REBIND_DRIVER = `cd ${TRANSPORT_DRIVER_DIR} && dev=$(ls -d virtio*) && ` +
   `echo "$dev" > unbind && echo "$dev" > bind`;
 
-// ---- seed 000: a boot hook that listens before the vsock driver probes ---------------------
+// ---- kick after start: a boot hook that listens before the vsock driver probes --------------
 
 const EARLY_PORT = 7000;
 const EARLY_LISTENING_MARKER = "E2E-EARLY-LISTENING";
@@ -718,13 +718,14 @@ Deno.test({
 });
 
 Deno.test({
-  name: "e2e: a host CONNECT issued while the guest boots is answered once it listens (seed 000)",
+  name:
+    "e2e: a host CONNECT issued while the guest boots is answered once it listens (kick after start)",
   ignore,
   sanitizeOps: false,
   sanitizeResources: false,
 }, async () => {
   // A long connect timeout: the CONNECT must be delivered by the ring start itself, not by a
-  // timeout and a retry (the 2 s gap of seed 000).
+  // timeout and a retry (the 2 s gap that kick after start removes).
   // Debug level: the log then shows when the rings start (quoted if the test fails).
   const backend = await BackendProcess.start({
     guestCid: GUEST_CID,

@@ -1,29 +1,31 @@
 /**
- * No lost wakeups across the ring life cycle: regression tests for seeds 000, 001 and 003,
- * suspend/resume, reconnect and driver reset, against the back end as a child process
- * (`lib/testing`) and, for the exact seed-001 interleaving, the in-process harness.
+ * No lost wakeups across the ring life cycle: regression tests for "kick after start", "enable
+ * notification, then re-check" and "never drop a kick", suspend/resume, reconnect and driver reset,
+ * against the back end as a child process (`lib/testing`) and, for the exact enable-then-re-check
+ * interleaving, the in-process harness.
  *
- * - Seed 000 (vhost-vsock "kick send_pkt worker once device is started"): work queued while
- *   the rings are not started (a host `CONNECT`, host data, a credit update owed) is processed
- *   the moment they start. The guest never kicks, nothing else happens: only "process on start"
- *   can deliver it, and it must do so at once, not after a 2 s connect timeout.
- * - Seed 001 (QEMU "network stall waiting for kick"): TX and RX enable notifications and
- *   re-check the ring when it runs empty. In process, the guest's add is injected at the
- *   device's avail_event write and its kick decision uses the avail_event it read before that
- *   write (stale: no kick), so only the re-check finds the buffers. Across processes, the
+ * - Kick after start (vhost-vsock "kick send_pkt worker once device is started"): work queued while
+ *   the rings are not started (a host `CONNECT`, host data, a credit update owed) is processed the
+ *   moment they start. The guest never kicks, nothing else happens: only "process on start" can
+ *   deliver it, and it must do so at once, not after a 2 s connect timeout.
+ * - Enable notification, then re-check (QEMU "network stall waiting for kick"): TX and RX enable
+ *   notifications and re-check the ring when it runs empty. In process, the guest's add is injected
+ *   at the device's avail_event write and its kick decision uses the avail_event it read before
+ *   that write (stale: no kick), so only the re-check finds the buffers. Across processes, the
  *   device runs out of RX buffers with data pending and the guest's refill must find it armed
  *   (EVENT_IDX on and off).
- * - Seed 003 (virtiofsd dropping FUSE_INIT): a kick that arrives after SET_VRING_KICK but
+ * - Never drop a kick (virtiofsd dropping FUSE_INIT): a kick that arrives after SET_VRING_KICK but
  *   before SET_VRING_ENABLE is remembered, TX and RX; with REPLY_ACK, the ack of a NEED_REPLY
  *   SET_VRING_ENABLE comes only after the enable (and the work it released) was processed.
- * - Suspend (GET_VRING_BASE on every ring): no guest memory write, no interrupt, host traffic
- *   and connections kept, the right ring bases, everything flows after the restart.
- * - Reconnect: 100 front-end sessions on one back end; the old session's host sockets see EOF
- *   and the back end's fd count stays flat.
+ * - Suspend (GET_VRING_BASE on every ring): no guest memory write, no interrupt, host traffic and
+ *   connections kept, the right ring bases, everything flows after the restart.
+ * - Reconnect: 100 front-end sessions on one back end; the old session's host sockets see EOF and
+ *   the back end's fd count stays flat.
  * - Driver reset: host sockets of the old connections are closed; new ones work both ways.
  *
- * The seed-000 and seed-003 tests drive the rings with `RawGuest`, a bare driver that posts
- * buffers and kicks only when told, so the tests control exactly which notifications exist.
+ * The kick-after-start and never-drop-a-kick tests drive the rings with `RawGuest`, a bare driver
+ * that posts buffers and kicks only when told, so the tests control exactly which notifications
+ * exist.
  */
 import assert from "node:assert/strict";
 import {
@@ -75,15 +77,18 @@ const enc = new TextEncoder();
 const dec = new TextDecoder();
 const HOST_CID = 2;
 const GUEST_CID = 3;
-/** Seed 000's stall: Linux's VSOCK_DEFAULT_CONNECT_TIMEOUT. Everything here must beat it. */
-const SEED_000_STALL_MS = 2000;
+/**
+ * The stall that kick after start prevents: Linux's VSOCK_DEFAULT_CONNECT_TIMEOUT. Everything
+ * here must beat it.
+ */
+const KICK_AFTER_START_STALL_MS = 2000;
 /**
  * How soon work released by a ring start or enable must reach the guest. It takes 5-10 ms
  * here; the bound is generous because the test machine is shared (hundreds of ms have been
- * seen under load), yet half of seed 000's stall. A back end that waits for a kick or a
+ * seen under load), yet half of that stall. A back end that waits for a kick or a
  * timeout never delivers at all: nothing else happens in these tests.
  */
-const START_LATENCY_MS = SEED_000_STALL_MS / 2;
+const START_LATENCY_MS = KICK_AFTER_START_STALL_MS / 2;
 
 // ---------------------------------------------------------------------------------------
 // Helpers
@@ -408,7 +413,7 @@ async function guestToHost(vm: VmHandle, port: number) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Seed 000: work queued before the rings start is processed when they start
+// Kick after start: work queued before the rings start is processed when they start
 // ---------------------------------------------------------------------------------------
 
 for (
@@ -420,7 +425,7 @@ for (
   ] as const
 ) {
   const pf = "protocolFeatures" in v ? " (no PROTOCOL_FEATURES: start = SET_VRING_KICK)" : "";
-  Deno.test(`seed 000: a host CONNECT ${v.when} reaches the guest when the rings start, with no kick [${v.profile}${pf}]`, async () => {
+  Deno.test(`kick after start: a host CONNECT ${v.when} reaches the guest when the rings start, with no kick [${v.profile}${pf}]`, async () => {
     await withBackend({
       profile: v.profile,
       protocolFeatures: "protocolFeatures" in v ? v.protocolFeatures : undefined,
@@ -476,7 +481,7 @@ for (
   });
 }
 
-Deno.test("seed 000: host data and a host CONNECT that arrive while the rings are stopped are delivered on restart, with no kick", async () => {
+Deno.test("kick after start: host data and a host CONNECT that arrive while the rings are stopped are delivered on restart, with no kick", async () => {
   for (const profile of ["qemu", "crosvm"] as const) {
     await withVm({ profile }, async (vm) => {
       const g = vm.guest;
@@ -528,7 +533,7 @@ Deno.test("seed 000: host data and a host CONNECT that arrive while the rings ar
   }
 });
 
-Deno.test("seed 000: a credit update owed while the rings were stopped is sent on restart", async () => {
+Deno.test("kick after start: a credit update owed while the rings were stopped is sent on restart", async () => {
   for (const profile of ["qemu", "crosvm"] as const) {
     await withVm({ profile }, async (vm) => {
       const g = vm.guest;
@@ -588,10 +593,10 @@ function countOf(haystack: string, needle: string): number {
 }
 
 // ---------------------------------------------------------------------------------------
-// Seed 001: enable notifications, then re-check
+// Enable notification, then re-check
 // ---------------------------------------------------------------------------------------
 
-Deno.test("seed 001 (TX): a packet posted between the device's empty check and its notification enable is processed", () => {
+Deno.test("enable notification, then re-check (TX): a packet posted between the device's empty check and its notification enable is processed", () => {
   const vm = new InProcessVm();
   try {
     vm.activate(); // both rings live and empty: the device armed TX notifications at 0
@@ -648,7 +653,7 @@ Deno.test("seed 001 (TX): a packet posted between the device's empty check and i
   }
 });
 
-Deno.test("seed 001 (RX): buffers posted between the device's empty check and its re-arm, with a stale avail_event, are used", () => {
+Deno.test("enable notification, then re-check (RX): buffers posted between the device's empty check and its re-arm, with a stale avail_event, are used", () => {
   const vm = new InProcessVm();
   const hosts: number[] = [];
   try {
@@ -689,7 +694,7 @@ Deno.test("seed 001 (RX): buffers posted between the device's empty check and it
 });
 
 for (const eventIdx of [true, false]) {
-  Deno.test(`seed 001: the device runs out of RX buffers with host data pending and resumes on refill [EVENT_IDX ${eventIdx ? "on" : "off"}]`, async () => {
+  Deno.test(`enable notification, then re-check: the device runs out of RX buffers with host data pending and resumes on refill [EVENT_IDX ${eventIdx ? "on" : "off"}]`, async () => {
     await withVm({
       profile: "qemu",
       frontEnd: { eventIdx },
@@ -725,7 +730,7 @@ for (const eventIdx of [true, false]) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Seed 003: a kick before SET_VRING_ENABLE is remembered
+// Never drop a kick: a kick before SET_VRING_ENABLE is remembered
 // ---------------------------------------------------------------------------------------
 
 for (
@@ -737,7 +742,7 @@ for (
   ] as const
 ) {
   const mode = v.needReply ? "REPLY_ACK + NEED_REPLY" : "no NEED_REPLY";
-  Deno.test(`seed 003: a TX REQUEST kicked before SET_VRING_ENABLE is processed on enable [${v.profile}, ${mode}]`, async () => {
+  Deno.test(`never drop a kick: a TX REQUEST kicked before SET_VRING_ENABLE is processed on enable [${v.profile}, ${mode}]`, async () => {
     await withBackend({ profile: v.profile }, async (backend, connectFrontEnd) => {
       const listenFd = listenUnix(`${backend.udsPath}_6000`);
       let hostFd = -1;
@@ -813,7 +818,7 @@ for (
 }
 
 for (const profile of ["qemu", "crosvm"] as const) {
-  Deno.test(`seed 003: an RX kick before SET_VRING_ENABLE is remembered: a pending host CONNECT reaches the guest on enable [${profile}]`, async () => {
+  Deno.test(`never drop a kick: an RX kick before SET_VRING_ENABLE is remembered: a pending host CONNECT reaches the guest on enable [${profile}]`, async () => {
     await withBackend({ profile }, async (backend, connectFrontEnd) => {
       const fe = await connectFrontEnd();
       const host = RawHostSocket.connect(backend.udsPath);

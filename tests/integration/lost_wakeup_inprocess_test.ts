@@ -1,17 +1,16 @@
 /**
- * Seed 001 (QEMU "network stall waiting for kick"): the device runs out of RX
- * buffers with a packet pending; between its empty check and its notification
- * enable the guest adds buffers and, seeing notifications still off, does not
- * kick. The device must re-check the ring after enabling notifications and
- * deliver the packet. The interleaving is injected at the device's write of
- * avail_event (the notification enable) through the guest-memory write hook.
+ * Enable notification, then re-check (QEMU "network stall waiting for kick"): the device runs out
+ * of RX buffers with a packet pending; between its empty check and its notification enable the
+ * guest adds buffers and, seeing notifications still off, does not kick. The device must re-check
+ * the ring after enabling notifications and deliver the packet. The interleaving is injected at the
+ * device's write of avail_event (the notification enable) through the guest-memory write hook.
  */
 import assert from "node:assert/strict";
 import { connectUnix, readRaw, writeRaw } from "../../ffi/mod.ts";
 import { InProcessVm } from "./inprocess.ts";
 import { VIRTIO_VSOCK_OP_REQUEST } from "../../lib/vsock/constants.ts";
 
-Deno.test("seed 001: buffers added between the empty check and the notification enable are used", () => {
+Deno.test("enable notification, then re-check: buffers added between the empty check and the notification enable are used", () => {
   const vm = new InProcessVm();
   try {
     vm.activate(); // rings live, RX empty
@@ -50,7 +49,7 @@ Deno.test("seed 001: buffers added between the empty check and the notification 
   }
 });
 
-Deno.test("seed 001: with no buffers the device sleeps with notifications armed, and a kick wakes it", () => {
+Deno.test("enable notification, then re-check: with no buffers the device sleeps with notifications armed, and a kick wakes it", () => {
   const vm = new InProcessVm();
   try {
     vm.activate();

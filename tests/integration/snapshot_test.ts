@@ -1,5 +1,6 @@
 /**
- * Snapshot/restore and live migration of the vsock back end (seed 002, rust-vmm PR #936):
+ * Snapshot/restore and live migration of the vsock back end (the snapshot/restore race,
+ * rust-vmm PR #936):
  *
  * - DEVICE_STATE: SET_DEVICE_STATE_FD save/load (phase "stopped", reply bit 8 = no fd of the
  *   back end's own) and CHECK_DEVICE_STATE, with crosvm's restore onto a fresh back-end

@@ -1,17 +1,17 @@
 /**
- * Randomized stress of the ring life cycle (no lost wakeups, seeds 000/001/003): while data
- * streams both ways over several connections, a seeded PRNG interleaves spurious kicks,
- * SET_VRING_ENABLE 0/1, ring stops and restarts (GET_VRING_BASE, then SET_VRING_BASE/ADDR/KICK
- * with the kick eventfds emptied: no kick), full suspend/resume, RX starvation and refill, and
- * pauses.
+ * Randomized stress of the ring life cycle (no lost wakeups: kick after start; enable notification,
+ * then re-check; never drop a kick): while data streams both ways over several connections, a
+ * seeded PRNG interleaves spurious kicks, SET_VRING_ENABLE 0/1, ring stops and restarts
+ * (GET_VRING_BASE, then SET_VRING_BASE/ADDR/KICK with the kick eventfds emptied: no kick), full
+ * suspend/resume, RX starvation and refill, and pauses.
  *
- * Every so often a barrier restores the rings, lets traffic run for a few hundred ms with no
- * ring event, pauses the writers and requires every byte written so far to arrive within a
- * bounded time: a wakeup lost there shows up as a stall, with nothing left to wake the device. The run ends with host data and a new
- * CONNECT queued while the rings are stopped and a restart without a kick (seed 000), then a
- * bounded drain. Each byte is checked against a position-dependent pattern, so a lost,
- * duplicated or reordered byte fails. At the end the guest saw no anomaly and the back end is
- * alive with no error or warning in its log.
+ * Every so often a barrier restores the rings, lets traffic run for a few hundred ms with no ring
+ * event, pauses the writers and requires every byte written so far to arrive within a bounded time:
+ * a wakeup lost there shows up as a stall, with nothing left to wake the device. The run ends with
+ * host data and a new CONNECT queued while the rings are stopped and a restart without a kick (kick
+ * after start), then a bounded drain. Each byte is checked against a position-dependent pattern, so
+ * a lost, duplicated or reordered byte fails. At the end the guest saw no anomaly and the back end
+ * is alive with no error or warning in its log.
  *
  * Reproduce a run with `STRESS_SEED=<seed>` (printed at the start); `STRESS_ITERATIONS` and
  * `STRESS_SECONDS` bound each variant (default 5000 iterations, 20 s).
@@ -367,8 +367,8 @@ async function stress(v: Variant, seed: number): Promise<void> {
       if (!(disabled.size || stopped || suspendedBases) && rnd() < 0.5) await sleep(0);
     }
 
-    // Seed 000 at the end: writers stop, host data and a new CONNECT arrive while the rings
-    // are stopped, and the rings restart without a kick. Nothing else will wake the device.
+    // Kick after start, at the end: writers stop, host data and a new CONNECT arrive while the
+    // rings are stopped, and the rings restart without a kick. Nothing else will wake the device.
     restoreAll();
     gate.pause();
     await waitFor(() => gate.idle === writers, "writers pausing");

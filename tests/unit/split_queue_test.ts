@@ -2,7 +2,7 @@
  * Device-side split virtqueue (lib/virtio/split_queue.ts, desc_chain.ts) driven by
  * the testing library's DriverSplitQueue over PlainGuestMemory: round trips, u16
  * wraparound, chains split at region boundaries, every rejection path, and the
- * notification protocol (EVENT_IDX batching, enable-then-recheck of seed 001).
+ * notification protocol (EVENT_IDX batching, "enable notification, then re-check").
  */
 
 import assert from "node:assert/strict";
@@ -878,9 +878,10 @@ Deno.test("available notifications with EVENT_IDX: avail_event = avail idx seen"
   assert.equal(drv.kickNeeded(), true);
 });
 
-// Seed 001: the device found too few buffers, the driver added more without kicking
-// (avail_event was stale), then the device re-armed and went to sleep: a stall forever.
-Deno.test("seed 001: enableNotification reports buffers added before the re-arm (EVENT_IDX)", () => {
+// Enable notification, then re-check: the device found too few buffers, the driver added more
+// without kicking (avail_event was stale), then the device re-armed and went to sleep: a stall
+// forever.
+Deno.test("enable notification, then re-check: enableNotification reports buffers added before the re-arm (EVENT_IDX)", () => {
   const { drv, dev } = setup({ eventIdx: true });
   assert.equal(dev.enableNotification(), false);
   for (let i = 0; i < 3; i++) drv.addBuffer([wr(BUF + 0x100 * i, 64)]);
@@ -905,7 +906,7 @@ Deno.test("seed 001: enableNotification reports buffers added before the re-arm 
   assert.equal(drv.kickNeeded(), true);
 });
 
-Deno.test("seed 001: drain, buffers arrive, re-arm reports them (without EVENT_IDX)", () => {
+Deno.test("enable notification, then re-check: drain, buffers arrive, re-arm reports them (without EVENT_IDX)", () => {
   const { drv, dev, chain } = setup();
   drv.addBuffer([rd(BUF, 8)]);
   drv.publish();

@@ -5,7 +5,7 @@
  * host sockets, timers) is registered with the same reactor, so control-plane
  * messages and data-plane events are handled in one program order: a kick can
  * never be "seen" by a data thread before the SET_VRING_ENABLE that precedes it
- * on the control socket has been handled (the race of seed 003 cannot happen).
+ * on the control socket has been handled (the "never drop a kick" race cannot happen).
  *
  * - fd handlers: level- or edge-triggered, dispatched by fd number.
  * - timers: a binary heap of deadlines behind one timerfd (no Deno timers: a

@@ -36,7 +36,7 @@
  * cleared, or avail_event = the avail idx the device has seen) and re-reads
  * avail.idx: buffers published between the device's last look and the re-arm
  * would never be kicked, so the caller must keep going when it returns true
- * (seed 001: virtio-net stalled forever on exactly this).
+ * ("enable notification, then re-check": virtio-net stalled forever on exactly this).
  *
  * Memory ordering: the ring indices are read and written with `Atomics` on
  * 16-bit views of the region, so the used.idx store is ordered after the used
@@ -281,7 +281,7 @@ export class SplitQueue {
 
   /**
    * Pops the next chain; when the ring is empty, enables notifications and re-checks
-   * before reporting POP_EMPTY (seed 001: the driver may have added buffers between the
+   * before reporting POP_EMPTY ("enable notification, then re-check": the driver may have added buffers between the
    * empty check and the enable, seeing notifications off, and will not kick). POP_EMPTY
    * therefore means "armed: the next buffer comes with a kick".
    */

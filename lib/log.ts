@@ -63,3 +63,59 @@ export class Logger {
 
 /** The process-wide (per-thread) logger. */
 export const log: Logger = new Logger();
+
+/**
+ * A rate limit for log lines that a guest, a front end or a host app can trigger: at most
+ * `burst` lines per `intervalMs`; what is held back is counted and reported in one summary
+ * line when the next interval starts. Check `allow()` before building the message, so a
+ * flood costs neither log volume nor string building:
+ *
+ * ```ts
+ * const badPacketLog = new LogLimiter("bad packets from the guest");
+ * if (badPacketLog.allow()) log.warn(`vsock: bad packet ...`);
+ * ```
+ */
+export class LogLimiter {
+  #windowStart = -Infinity;
+  #count = 0;
+  #suppressed = 0;
+
+  constructor(
+    /** what the lines are about, for the summary line */
+    readonly what: string,
+    readonly burst = 10,
+    readonly intervalMs = 5000,
+    readonly level: LogLevel = "warn",
+  ) {}
+
+  /** Lines held back in the current interval. */
+  get suppressed(): number {
+    return this.#suppressed;
+  }
+
+  /** True if one more line may be written now. */
+  allow(): boolean {
+    const now = performance.now();
+    if (now - this.#windowStart >= this.intervalMs) {
+      if (this.#suppressed > 0) this.#summary(now);
+      this.#windowStart = now;
+      this.#count = 0;
+      this.#suppressed = 0;
+    }
+    if (this.#count < this.burst) {
+      this.#count++;
+      return true;
+    }
+    this.#suppressed++;
+    return false;
+  }
+
+  #summary(now: number): void {
+    const secs = ((now - this.#windowStart) / 1000).toFixed(1);
+    const line = `${this.what}: ${this.#suppressed} more lines suppressed in the last ${secs} s`;
+    if (this.level === "error") log.error(line);
+    else if (this.level === "warn") log.warn(line);
+    else if (this.level === "info") log.info(line);
+    else log.debug(line);
+  }
+}

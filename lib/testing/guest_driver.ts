@@ -53,7 +53,12 @@ import {
   VIRTIO_RING_F_EVENT_IDX,
   VIRTIO_RING_F_INDIRECT_DESC,
 } from "../virtio/features.ts";
-import { compactRingLayout, VRING_DESC_SIZE } from "../virtio/split_layout.ts";
+import {
+  compactRingLayout,
+  descTableSize,
+  VRING_DESC_NEXT,
+  VRING_DESC_SIZE,
+} from "../virtio/split_layout.ts";
 import {
   VIRTIO_VSOCK_EVENT_SIZE,
   VIRTIO_VSOCK_EVENT_TRANSPORT_RESET,
@@ -148,7 +153,7 @@ export interface VsockGuestOptions {
   readonly withholdFeatures?: bigint;
   /**
    * race: post rx/event buffers and kick after SET_VRING_KICK but before SET_VRING_ENABLE
-   * (seed 003: a kick that arrives before the ring is enabled must not be lost)
+   * ("never drop a kick": a kick that arrives before the ring is enabled must not be lost)
    */
   readonly kickBeforeEnable?: boolean;
   /** first local port connect() uses (default 1024; Linux picks a random one above 1023) */
@@ -502,7 +507,7 @@ export class VsockGuest {
       const segsPer = Math.max(1, this.#opts.txPayloadSegments ?? 1);
       const maxPayload = this.#opts.maxPacketPayload ?? 65536;
       const slots = Math.max(1, this.#opts.txSlots ?? Math.min(size, 64));
-      const indirectBytes = Math.ceil(((1 + segsPer) * VRING_DESC_SIZE) / 64) * 64;
+      const indirectBytes = Math.ceil(descTableSize(1 + segsPer) / 64) * 64;
       const tx: TxSlot[] = [];
       for (let i = 0; i < slots; i++) {
         const block = alloc(64 + indirectBytes + maxPayload, 64);
@@ -1433,7 +1438,7 @@ export class VsockGuest {
     if (head < 0) throw new GuestConnError(`queue ${index}: ${descs.length} descriptors not free`);
     const idx = [head];
     for (let k = 1; k < descs.length; k++) {
-      const at = q.descGpa + idx[k - 1] * VRING_DESC_SIZE + 14; // VRING_DESC_NEXT
+      const at = q.descGpa + idx[k - 1] * VRING_DESC_SIZE + VRING_DESC_NEXT;
       const b = this.memory.bytesAt(at, 2);
       idx.push(b[0] | (b[1] << 8));
     }

@@ -69,15 +69,7 @@ import { GuestTimeoutError, GuestWaits } from "./guest_wait.ts";
 export { GuestConn, GuestConnectError, GuestConnError, GuestListener, GuestTimeoutError };
 export type { GuestCloseReason, WaitOptions };
 export type { GuestConnState } from "./guest_conn.ts";
-export type {
-  CapturedPacket,
-  GuestSnapshot,
-  GuestStats,
-  PacketCapture,
-  RawDescriptor,
-  RawUsed,
-  VsockGuestOptions,
-} from "./guest_types.ts";
+export type * from "./guest_types.ts";
 export { LINUX_BUF_ALLOC, LINUX_CONNECT_TIMEOUT_MS, LINUX_EVENT_BUFFERS, LINUX_RX_BUF_SIZE };
 
 /** Linux's VSOCK_CLOSE_TIMEOUT (8 s). */

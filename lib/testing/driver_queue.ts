@@ -27,13 +27,9 @@ import {
   VRING_AVAIL_F_NO_INTERRUPT,
   VRING_AVAIL_FLAGS,
   VRING_AVAIL_IDX,
-  VRING_DESC_ADDR,
   VRING_DESC_F_INDIRECT,
   VRING_DESC_F_NEXT,
   VRING_DESC_F_WRITE,
-  VRING_DESC_FLAGS,
-  VRING_DESC_LEN,
-  VRING_DESC_NEXT,
   VRING_DESC_SIZE,
   VRING_USED_ELEM_ID,
   VRING_USED_ELEM_LEN,
@@ -41,6 +37,7 @@ import {
   VRING_USED_FLAGS,
   VRING_USED_IDX,
   vringNeedEvent,
+  writeDescriptor,
 } from "../virtio/split_layout.ts";
 
 /** One buffer of a chain: guest-physical range, device-writable or not. */
@@ -295,13 +292,7 @@ export class DriverSplitQueue {
   /** Writes a descriptor at any guest address (e.g. an indirect table entry). */
   writeDescAt(gpa: number, addr: number | bigint, len: number, flags: number, next: number): void {
     const p = part(this.mem, "descriptor", gpa, VRING_DESC_SIZE);
-    const v = p.region.view;
-    const a = BigInt.asUintN(64, BigInt(addr));
-    v.setUint32(p.off + VRING_DESC_ADDR, Number(a & 0xffff_ffffn), true);
-    v.setUint32(p.off + VRING_DESC_ADDR + 4, Number(a >> 32n), true);
-    v.setUint32(p.off + VRING_DESC_LEN, len >>> 0, true);
-    v.setUint16(p.off + VRING_DESC_FLAGS, flags & 0xffff, true);
-    v.setUint16(p.off + VRING_DESC_NEXT, next & 0xffff, true);
+    writeDescriptor(p.region.view, p.off, addr, len, flags, next);
   }
 
   /** Puts any value in the next avail slot (unpublished), bypassing the free list. */

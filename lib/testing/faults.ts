@@ -3,13 +3,13 @@
  * reproduces something a real VMM or guest may do, or a malicious one would:
  *
  * - `bootKickBeforeEnable`: the guest posts buffers and kicks after SET_VRING_KICK but before
- *   SET_VRING_ENABLE (seed 003: the kick must be remembered, not dropped);
+ *   SET_VRING_ENABLE ("never drop a kick": the kick must be remembered, not dropped);
  * - `stopRings` / `restartRings`: GET_VRING_BASE on every ring mid-transfer, then
  *   SET_VRING_BASE / SET_VRING_ADDR / SET_VRING_KICK at the same addresses (no guest memory
  *   may be touched in between; queued work must resume without a new kick);
  * - `starveRx` / `refillRx`: the guest stops re-posting rx buffers, then adds them back,
- *   optionally without a kick, like a guest that saw notifications off (seed 001: the device
- *   must re-check the avail index after enabling notifications);
+ *   optionally without a kick, like a guest that saw notifications off ("enable notification,
+ *   then re-check": the device must re-check the avail index after enabling notifications);
  * - `writeRawChain` and the `malformed*` builders: descriptor chains a Linux guest never
  *   writes (addresses outside RAM or >= 2^53, loops, nested or empty indirect tables,
  *   wrong-direction buffers);
@@ -19,10 +19,12 @@
  */
 
 import {
+  descTableSize,
   VRING_DESC_F_INDIRECT,
   VRING_DESC_F_NEXT,
   VRING_DESC_F_WRITE,
   VRING_DESC_SIZE,
+  writeDescriptor,
 } from "../virtio/split_layout.ts";
 import {
   VIRTIO_VSOCK_HDR_SIZE,
@@ -154,20 +156,11 @@ export class Faults {
 
   /** Writes descriptors (16 bytes each) at `gpa`, e.g. an indirect table. */
   writeDescTable(gpa: number, descs: readonly RawDescriptor[]): void {
-    const bytes = new Uint8Array(descs.length * VRING_DESC_SIZE);
+    const bytes = new Uint8Array(descTableSize(descs.length));
     const v = new DataView(bytes.buffer);
     descs.forEach((d, i) => {
-      const a = BigInt.asUintN(64, BigInt(d.addr));
-      const o = i * VRING_DESC_SIZE;
-      v.setUint32(o, Number(a & 0xffff_ffffn), true);
-      v.setUint32(o + 4, Number(a >> 32n), true);
-      v.setUint32(o + 8, d.len >>> 0, true);
-      v.setUint16(o + 12, d.flags & 0xffff, true);
-      v.setUint16(
-        o + 14,
-        (d.nextRaw ?? d.next ?? (i + 1 < descs.length ? i + 1 : 0)) & 0xffff,
-        true,
-      );
+      const next = d.nextRaw ?? d.next ?? (i + 1 < descs.length ? i + 1 : 0);
+      writeDescriptor(v, i * VRING_DESC_SIZE, d.addr, d.len, d.flags, next);
     });
     this.guest.memory.write(gpa, bytes);
   }

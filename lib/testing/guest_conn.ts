@@ -21,6 +21,7 @@
  */
 
 import { Credit } from "../vsock/credit.ts";
+import { concat } from "./bytes.ts";
 import {
   MAX_PKT_PAYLOAD,
   VIRTIO_VSOCK_OP_CREDIT_REQUEST,
@@ -248,20 +249,12 @@ export class GuestConn {
   /** Reads until EOF and returns everything. */
   async readToEnd(opts: WaitOptions = {}): Promise<Uint8Array> {
     const parts: Uint8Array[] = [];
-    let total = 0;
     for (;;) {
       const chunk = await this.read(Infinity, opts);
       if (chunk === null) break;
       parts.push(chunk);
-      total += chunk.length;
     }
-    const out = new Uint8Array(total);
-    let off = 0;
-    for (const p of parts) {
-      out.set(p, off);
-      off += p.length;
-    }
-    return out;
+    return concat(parts);
   }
 
   /**

@@ -20,7 +20,7 @@
  */
 
 import { close, type Mapping, mapShared, memfdCreate, unmap } from "../../ffi/mod.ts";
-import type { GuestMemory, MemRegion } from "../virtio/memory.ts";
+import { findRegion, type GuestMemory, type MemRegion, walkGuest } from "../virtio/memory.ts";
 
 /** Page size: region addresses, sizes and mmap offsets must be multiples of it. */
 export const GUEST_PAGE_SIZE = 4096;
@@ -169,12 +169,7 @@ export class GuestRam implements GuestMemory {
 
   /** Index of the region holding [gpa, gpa+len) entirely, or -1. */
   regionOf(gpa: number, len: number): number {
-    const regions = this.#regions;
-    for (let i = 0; i < regions.length; i++) {
-      const r = regions[i];
-      if (gpa >= r.gpa && len >= 0 && len <= r.size && gpa - r.gpa <= r.size - len) return i;
-    }
-    return -1;
+    return findRegion(this.#regions, gpa, len);
   }
 
   /** Guest writes are not logged (dirty logging is the back end's job). */
@@ -198,34 +193,28 @@ export class GuestRam implements GuestMemory {
 
   /** Copies `src` to guest-physical `gpa` (may cross adjacent regions); throws outside RAM. */
   write(gpa: number, src: Uint8Array): void {
-    let done = 0;
-    while (done < src.length) {
-      const i = this.regionOf(gpa + done, 1);
-      if (i < 0) {
-        throw new RangeError(`guest write at 0x${(gpa + done).toString(16)} is outside RAM`);
-      }
-      const r = this.#regions[i];
-      const off = gpa + done - r.gpa;
-      const n = Math.min(src.length - done, r.size - off);
-      r.bytes.set(src.subarray(done, done + n), off);
-      done += n;
+    const walked = walkGuest(
+      this,
+      gpa,
+      src.length,
+      (r, off, done, n) => r.bytes.set(src.subarray(done, done + n), off),
+    );
+    if (walked < src.length) {
+      throw new RangeError(`guest write at 0x${(gpa + walked).toString(16)} is outside RAM`);
     }
   }
 
   /** A copy of guest-physical [gpa, gpa+len) (may cross adjacent regions). */
   read(gpa: number, len: number): Uint8Array {
     const out = new Uint8Array(len);
-    let done = 0;
-    while (done < len) {
-      const i = this.regionOf(gpa + done, 1);
-      if (i < 0) {
-        throw new RangeError(`guest read at 0x${(gpa + done).toString(16)} is outside RAM`);
-      }
-      const r = this.#regions[i];
-      const off = gpa + done - r.gpa;
-      const n = Math.min(len - done, r.size - off);
-      out.set(r.bytes.subarray(off, off + n), done);
-      done += n;
+    const walked = walkGuest(
+      this,
+      gpa,
+      len,
+      (r, off, done, n) => out.set(r.bytes.subarray(off, off + n), done),
+    );
+    if (walked < len) {
+      throw new RangeError(`guest read at 0x${(gpa + walked).toString(16)} is outside RAM`);
     }
     return out;
   }

@@ -15,6 +15,8 @@
  * on timeout the socket involved is closed (a pending Deno read cannot be cancelled otherwise).
  */
 
+import { concat } from "./bytes.ts";
+
 /** A host-side wait ran out of time. */
 export class HostTimeoutError extends Error {
   override name = "HostTimeoutError";
@@ -204,19 +206,6 @@ export function readAll(conn: Deno.Conn, opts: HostTimeout = {}): Promise<Uint8A
     }
   })();
   return withTimeout(op, opts.timeoutMs ?? HOST_TIMEOUT_MS, "EOF", conn);
-}
-
-/** Concatenates byte arrays. */
-export function concat(parts: readonly Uint8Array[]): Uint8Array {
-  let total = 0;
-  for (const p of parts) total += p.length;
-  const out = new Uint8Array(total);
-  let off = 0;
-  for (const p of parts) {
-    out.set(p, off);
-    off += p.length;
-  }
-  return out;
 }
 
 /** Deterministic test data: `n` bytes of a simple pattern seeded by `seed`. */

@@ -48,6 +48,7 @@ import {
 } from "./host.ts";
 
 export * from "./backend_process.ts";
+export * from "./bytes.ts";
 export * from "./faults.ts";
 export * from "./front_end.ts";
 export * from "./guest_conn.ts";

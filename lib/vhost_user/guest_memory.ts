@@ -14,7 +14,7 @@
  * touched, while logging is switched on by the negotiated features.
  */
 import { close, fdSize, type Mapping, mapShared, unmap } from "../../ffi/mod.ts";
-import type { GuestMemory, MemRegion } from "../virtio/memory.ts";
+import { findRegion, type GuestMemory, type MemRegion } from "../virtio/memory.ts";
 
 /** Dirty log granularity of vhost: 4 KiB pages. */
 export const VHOST_LOG_PAGE = 4096;
@@ -84,12 +84,7 @@ export class MappedGuestMemory implements GuestMemory {
   }
 
   regionOf(gpa: number, len: number): number {
-    const regions = this.#regions;
-    for (let i = 0; i < regions.length; i++) {
-      const r = regions[i];
-      if (gpa >= r.gpa && len >= 0 && len <= r.size && gpa - r.gpa <= r.size - len) return i;
-    }
-    return -1;
+    return findRegion(this.#regions, gpa, len);
   }
 
   /** Front-end virtual address -> guest-physical, if [va, va+len) lies in one region. */

@@ -78,18 +78,54 @@ export class PlainGuestMemory implements GuestMemory {
   }
 
   regionOf(gpa: number, len: number): number {
-    const regions = this.regions;
-    for (let i = 0; i < regions.length; i++) {
-      const r = regions[i];
-      // Written so that NaN, negative lengths and huge values all fail.
-      if (gpa >= r.gpa && len >= 0 && len <= r.size && gpa - r.gpa <= r.size - len) return i;
-    }
-    return -1;
+    return findRegion(this.regions, gpa, len);
   }
 
   markDirty(gpa: number, len: number): void {
     if (this.#onDirty !== undefined) this.#onDirty(gpa, len);
   }
+}
+
+/**
+ * Index of the region holding guest-physical [gpa, gpa+len) entirely, or -1: the one
+ * implementation of `GuestMemory.regionOf`. Written so that NaN, negative lengths and huge
+ * values all fail.
+ */
+export function findRegion(
+  regions: readonly Pick<MemRegion, "gpa" | "size">[],
+  gpa: number,
+  len: number,
+): number {
+  for (let i = 0; i < regions.length; i++) {
+    const r = regions[i];
+    if (gpa >= r.gpa && len >= 0 && len <= r.size && gpa - r.gpa <= r.size - len) return i;
+  }
+  return -1;
+}
+
+/**
+ * Walks guest-physical [gpa, gpa+len) region by region (crossing adjacent regions), calling
+ * `each(region, offset in region, bytes done so far, bytes in this region)`. Stops at the
+ * first byte no region holds and returns how many bytes were walked: less than `len` exactly
+ * when the range leaves memory (earlier pieces have been visited by then).
+ */
+export function walkGuest(
+  mem: GuestMemory,
+  gpa: number,
+  len: number,
+  each: (r: MemRegion, off: number, done: number, n: number) => void,
+): number {
+  let done = 0;
+  while (done < len) {
+    const i = mem.regionOf(gpa + done, 1);
+    if (i < 0) return done;
+    const r = mem.regions[i];
+    const off = gpa + done - r.gpa;
+    const n = Math.min(len - done, r.size - off);
+    each(r, off, done, n);
+    done += n;
+  }
+  return done;
 }
 
 /**
@@ -99,14 +135,12 @@ export class PlainGuestMemory implements GuestMemory {
  */
 export function readGuest(mem: GuestMemory, gpa: number, dst: Uint8Array): boolean {
   if (!checkRange(mem, gpa, dst.length)) return false;
-  let done = 0;
-  while (done < dst.length) {
-    const r = mem.regions[mem.regionOf(gpa + done, 1)];
-    const off = gpa + done - r.gpa;
-    const n = Math.min(dst.length - done, r.size - off);
-    dst.set(r.bytes.subarray(off, off + n), done);
-    done += n;
-  }
+  walkGuest(
+    mem,
+    gpa,
+    dst.length,
+    (r, off, done, n) => dst.set(r.bytes.subarray(off, off + n), done),
+  );
   return true;
 }
 
@@ -117,24 +151,16 @@ export function readGuest(mem: GuestMemory, gpa: number, dst: Uint8Array): boole
  */
 export function writeGuest(mem: GuestMemory, gpa: number, src: Uint8Array): boolean {
   if (!checkRange(mem, gpa, src.length)) return false;
-  let done = 0;
-  while (done < src.length) {
-    const r = mem.regions[mem.regionOf(gpa + done, 1)];
-    const off = gpa + done - r.gpa;
-    const n = Math.min(src.length - done, r.size - off);
-    r.bytes.set(src.subarray(done, done + n), off);
-    done += n;
-  }
+  walkGuest(
+    mem,
+    gpa,
+    src.length,
+    (r, off, done, n) => r.bytes.set(src.subarray(done, done + n), off),
+  );
   return true;
 }
 
 function checkRange(mem: GuestMemory, gpa: number, len: number): boolean {
-  let done = 0;
-  while (done < len) {
-    const i = mem.regionOf(gpa + done, 1);
-    if (i < 0) return false;
-    const r = mem.regions[i];
-    done += r.size - (gpa + done - r.gpa);
-  }
+  if (walkGuest(mem, gpa, len, () => {}) < len) return false;
   return Number.isSafeInteger(gpa) && gpa >= 0;
 }

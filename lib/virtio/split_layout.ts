@@ -58,6 +58,26 @@ export const VRING_USED_ELEM_SIZE = 8;
 export const VRING_USED_ELEM_ID = 0;
 export const VRING_USED_ELEM_LEN = 4;
 
+/**
+ * Writes one descriptor at byte `off` of `view` (little endian); `addr` may be a bigint
+ * >= 2^53 and is truncated to 64 bits, `len` to 32, `flags` and `next` to 16.
+ */
+export function writeDescriptor(
+  view: DataView,
+  off: number,
+  addr: number | bigint,
+  len: number,
+  flags: number,
+  next: number,
+): void {
+  const a = BigInt.asUintN(64, BigInt(addr));
+  view.setUint32(off + VRING_DESC_ADDR, Number(a & 0xffff_ffffn), true);
+  view.setUint32(off + VRING_DESC_ADDR + 4, Number(a >> 32n), true);
+  view.setUint32(off + VRING_DESC_LEN, len >>> 0, true);
+  view.setUint16(off + VRING_DESC_FLAGS, flags & 0xffff, true);
+  view.setUint16(off + VRING_DESC_NEXT, next & 0xffff, true);
+}
+
 /** True if `num` is a valid split queue size: a power of 2 in 1..32768. */
 export function isValidQueueSize(num: number): boolean {
   return Number.isInteger(num) && num >= 1 && num <= VIRTQ_MAX_SIZE && (num & (num - 1)) === 0;

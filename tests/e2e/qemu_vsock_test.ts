@@ -27,6 +27,7 @@ import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
 import { ensureGuestImage, GuestVM, missingPrerequisites } from "./guest_vm.ts";
 import { BackendProcess } from "./backend.ts";
+import { concat } from "../../lib/testing/bytes.ts";
 
 const missing = missingPrerequisites();
 const required = Boolean(Deno.env.get("CI") || Deno.env.get("E2E_REQUIRED"));
@@ -384,13 +385,7 @@ function cpioNewc(
   };
   files.forEach((f, i) => entry(0x7e2e0001 + i, f.name, f.mode, f.data));
   entry(0, "TRAILER!!!", 0, new Uint8Array(0));
-  const out = new Uint8Array(size);
-  let off = 0;
-  for (const c of chunks) {
-    out.set(c, off);
-    off += c.length;
-  }
-  return out;
+  return concat(chunks);
 }
 
 /**

@@ -5,7 +5,7 @@
  * 16 streams and slow readers; this reproduces it without QEMU).
  */
 import assert from "node:assert/strict";
-import { pattern, startVm } from "../../lib/testing/mod.ts";
+import { concat, pattern, startVm } from "../../lib/testing/mod.ts";
 
 Deno.test("guest close with bytes still queued for a slow host app: nothing is lost", async () => {
   const vm = await startVm({ profile: "qemu" });
@@ -31,12 +31,7 @@ Deno.test("guest close with bytes still queued for a slow host app: nothing is l
     await conn.write(data, { timeoutMs: 60_000 });
     await conn.close({ timeoutMs: 60_000 }); // SHUTDOWN(both) while bytes are still queued
     await reader;
-    const all = new Uint8Array(total);
-    let off = 0;
-    for (const c of received) {
-      all.set(c, off);
-      off += c.length;
-    }
+    const all = concat(received);
     assert.equal(total, data.length, "every byte the guest wrote reached the host app");
     assert.deepEqual(all, data);
     assert.equal(conn.closeReason === "close-timeout", false, "the back end sent the RST");

@@ -8,7 +8,7 @@
 import { close, type Mapping, mapShared, memfdCreate, unmap } from "../../ffi/mod.ts";
 import { Reactor } from "../../lib/reactor.ts";
 import { VsockDevice } from "../../lib/vsock/device.ts";
-import type { GuestMemory, MemRegion } from "../../lib/virtio/memory.ts";
+import { findRegion, type GuestMemory, type MemRegion } from "../../lib/virtio/memory.ts";
 import { SplitQueue } from "../../lib/virtio/split_queue.ts";
 import { compactRingLayout } from "../../lib/virtio/split_layout.ts";
 import { DriverSplitQueue } from "../../lib/testing/driver_queue.ts";
@@ -39,8 +39,7 @@ export class HookedMemory implements GuestMemory {
     }];
   }
   regionOf(gpa: number, len: number): number {
-    const r = this.regions[0];
-    return gpa >= 0 && len >= 0 && len <= r.size && gpa <= r.size - len ? 0 : -1;
+    return findRegion(this.regions, gpa, len);
   }
   markDirty(gpa: number, len: number): void {
     this.onDeviceWrite?.(gpa, len);

@@ -10,6 +10,7 @@ import fc from "fast-check";
 import { type DriverSegment, DriverSplitQueue } from "../../lib/testing/driver_queue.ts";
 import { DescChain } from "../../lib/virtio/desc_chain.ts";
 import {
+  findRegion,
   type GuestMemory,
   type MemRegion,
   PlainGuestMemory,
@@ -104,11 +105,7 @@ function segments(c: DescChain): [number, number, number][] {
 class FakeMemory implements GuestMemory {
   constructor(readonly regions: MemRegion[]) {}
   regionOf(gpa: number, len: number): number {
-    for (let i = 0; i < this.regions.length; i++) {
-      const r = this.regions[i];
-      if (gpa >= r.gpa && len >= 0 && len <= r.size && gpa - r.gpa <= r.size - len) return i;
-    }
-    return -1;
+    return findRegion(this.regions, gpa, len);
   }
   markDirty(): void {}
 }

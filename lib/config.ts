@@ -34,6 +34,14 @@
 import { parseArgs as parseNodeArgs } from "node:util";
 import { parseDocument } from "yaml";
 import denoJson from "../deno.json" with { type: "json" };
+import {
+  CONNECT_TIMEOUT_MS,
+  MAX_CONNECTIONS,
+  VMADDR_CID_ANY,
+  VMADDR_CID_HYPERVISOR,
+  VMADDR_CID_LOCAL,
+  VSOCK_HOST_CID,
+} from "./vsock/constants.ts";
 
 /** One virtio-vsock device: the VM it serves and its host side. */
 export interface VmConfig {
@@ -79,14 +87,10 @@ export class ConfigError extends Error {
 
 export const VERSION: string = denoJson.version;
 
-/** Reserved context ids (Linux `<linux/vm_sockets.h>`, virtio "Socket Device"). */
-export const VMADDR_CID_HYPERVISOR = 0;
-export const VMADDR_CID_LOCAL = 1;
-export const VMADDR_CID_HOST = 2;
-export const VMADDR_CID_ANY = 0xffffffff;
-/** Lowest and highest CIDs a guest may have (the config field's upper 32 bits are reserved). */
-export const GUEST_CID_MIN = 3;
-export const GUEST_CID_MAX = 0xfffffffe;
+/** Lowest and highest CIDs a guest may have (the config field's upper 32 bits are reserved;
+ * the reserved CIDs are in `vsock/constants.ts`). */
+const GUEST_CID_MIN = VSOCK_HOST_CID + 1;
+const GUEST_CID_MAX = VMADDR_CID_ANY - 1;
 
 /** Split virtqueues: Queue Size is a power of 2, at most 32768. */
 export const VIRTQUEUE_MAX_SIZE = 32768;
@@ -106,8 +110,8 @@ export const DEFAULT_QUEUE_SIZE = 1024;
 export const DEFAULT_GROUP = "default";
 export const DEFAULT_LOG_LEVEL: LogLevel = "info";
 /** Firecracker's connect timeout and connection cap (`devices/virtio/vsock/unix/defs.rs`). */
-export const DEFAULT_CONNECT_TIMEOUT_MS = 2000;
-export const DEFAULT_MAX_CONNECTIONS = 1023;
+export const DEFAULT_CONNECT_TIMEOUT_MS = CONNECT_TIMEOUT_MS;
+export const DEFAULT_MAX_CONNECTIONS = MAX_CONNECTIONS;
 /** Separator of group names in `--groups`, `groups=` and YAML `groups:` strings. */
 export const GROUP_SEPARATOR = "+";
 
@@ -211,7 +215,7 @@ function describe(value: unknown): string {
 const RESERVED_CIDS: ReadonlyMap<number, string> = new Map([
   [VMADDR_CID_HYPERVISOR, "VMADDR_CID_HYPERVISOR"],
   [VMADDR_CID_LOCAL, "VMADDR_CID_LOCAL"],
-  [VMADDR_CID_HOST, "VMADDR_CID_HOST, the host"],
+  [VSOCK_HOST_CID, "VMADDR_CID_HOST, the host"],
   [VMADDR_CID_ANY, "VMADDR_CID_ANY"],
 ]);
 

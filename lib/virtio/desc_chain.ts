@@ -27,6 +27,12 @@ const TWO_POW_32 = 0x1_0000_0000;
 /** iovecs are written as u32 halves, which assumes a little-endian host (x86_64, aarch64). */
 const HOST_LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
 
+/** Where each iovec of a `hostIovecs` call lies in guest memory (see its `segments`). */
+export interface IovSegments {
+  readonly region: Int32Array;
+  readonly offset: Float64Array;
+}
+
 export class DescChain {
   /** Maximum number of segments this chain can hold. */
   readonly capacity: number;
@@ -175,7 +181,9 @@ export class DescChain {
    * and covering at most `maxBytes`. Stops early when `out` is full. Returns the
    * number of iovecs; `iovBytes` receives the bytes they cover. With `outIndex` the pairs
    * are appended from iovec `outIndex` on (gathering several chains into one writev). `out` is written
-   * through a cached 32-bit view (little-endian host), so no BigInt is created.
+   * through a cached 32-bit view (little-endian host), so no BigInt is created. With `segments`,
+   * iovec i's guest location (region index, offset in the region) is recorded at index i too, so
+   * the bytes can be found again after the chain object was reused.
    */
   hostIovecs(
     mem: GuestMemory,
@@ -184,6 +192,7 @@ export class DescChain {
     maxBytes: number,
     writable: boolean,
     outIndex = 0,
+    segments?: IovSegments,
   ): number {
     let words = this.#iovWords;
     if (this.#iovSource !== out || words === null) {
@@ -210,6 +219,10 @@ export class DescChain {
       words[w + 1] = Math.floor(base / TWO_POW_32);
       words[w + 2] = n;
       words[w + 3] = 0;
+      if (segments !== undefined) {
+        segments.region[iov] = this.region[i];
+        segments.offset[iov] = this.offset[i] + skip;
+      }
       bytes += n;
       iov++;
       skip = 0;

@@ -35,9 +35,12 @@ import {
   close,
   EAGAIN,
   EPOLLET,
+  EPOLLHUP,
   EPOLLIN,
   EPOLLOUT,
   EPOLLRDHUP,
+  POLLHUP,
+  pollFds,
   readvRaw,
   SHUT_WR,
   shutdownRaw,
@@ -50,7 +53,9 @@ import type { DescChain } from "../virtio/desc_chain.ts";
 import { ByteQueue } from "./byte_queue.ts";
 import { formatOkLine } from "./connect_line.ts";
 import {
+  CLOSE_DRAIN_TIMEOUT_MS,
   MAX_PKT_PAYLOAD,
+  SHUTDOWN_TIMEOUT_MS,
   VIRTIO_VSOCK_HDR_SIZE,
   VIRTIO_VSOCK_OP_CREDIT_REQUEST,
   VIRTIO_VSOCK_OP_CREDIT_UPDATE,
@@ -70,12 +75,6 @@ import type { PacketHeader } from "./packet.ts";
 import type { DeviceStats } from "./stats.ts";
 import type { TxGather } from "./tx_gather.ts";
 
-/**
- * How long a connection the guest closed may keep draining queued bytes into a slow host
- * app; longer than Linux's VSOCK_CLOSE_TIMEOUT (8 s), after which the guest resets anyway.
- */
-export const CLOSE_DRAIN_TIMEOUT_MS = 10_000;
-
 export const ConnState = {
   CONNECTING: 1,
   ESTABLISHED: 2,
@@ -90,7 +89,13 @@ export const Pending = {
   SHUTDOWN: 4,
   CREDIT_UPDATE: 8,
   RST: 16,
+  /** confirm the guest still has this connection (see `restore.ts`) */
+  CREDIT_REQUEST: 32,
 } as const;
+
+/** Owed packets that carry only a header and need no data before them. */
+const HEADER_ONLY_FIRST = Pending.RST | Pending.REQUEST | Pending.RESPONSE |
+  Pending.CREDIT_UPDATE | Pending.CREDIT_REQUEST;
 
 /** What a connection needs from the device around it (the muxer provides it). */
 export interface ConnectionContext {
@@ -129,6 +134,8 @@ export class VsockConnection {
   hostReadable = false;
   /** the host socket reached EOF (the host app will send no more) */
   hostEof = false;
+  /** the host app closed its socket entirely (EPOLLHUP): it will neither send nor receive */
+  hostHup = false;
   /** shutdown(SHUT_WR) was done on the host socket */
   hostWriteShut = false;
   /** the guest closed (SHUTDOWN both) while bytes for the host were still queued: finish
@@ -161,13 +168,31 @@ export class VsockConnection {
     return this.state === ConnState.CLOSED;
   }
 
-  /** Something to send to the guest right now (control, early bytes or host data within credit). */
-  hasRxWork(): boolean {
-    if (this.pending !== 0) return true;
+  /** Host bytes are owed to the guest and its credit allows some (early bytes or a readable
+   * socket, the guest still receiving). */
+  #owesData(): boolean {
     if (this.state !== ConnState.ESTABLISHED) return false;
     if ((this.guestShutdown & VIRTIO_VSOCK_SHUTDOWN_F_RECEIVE) !== 0) return false;
     if (this.credit.peerFree() <= 0) return false;
     return this.fromHost !== null || (this.hostReadable && !this.hostEof);
+  }
+
+  /** Something to send to the guest right now (control, early bytes or host data within credit). */
+  hasRxWork(): boolean {
+    return this.pending !== 0 || this.#owesData();
+  }
+
+  /**
+   * Whether `fillRx` can put a packet into an rx buffer with `room` bytes after the header:
+   * control packets need only the header; data needs room for at least one byte, and a
+   * SHUTDOWN waits behind the data owed before it. The RX scheduler and `fillRx` both go by
+   * this one predicate, so a buffer a connection cannot use is never handed to it in a loop.
+   */
+  canSendInto(room: number): boolean {
+    const p = this.pending;
+    if ((p & HEADER_ONLY_FIRST) !== 0) return true;
+    if (this.#owesData()) return room > 0;
+    return (p & Pending.SHUTDOWN) !== 0;
   }
 
   describe(): string {
@@ -240,7 +265,7 @@ export class VsockConnection {
   #guestData(chain: DescChain, len: number): void {
     if (len === 0) return;
     if (
-      this.state !== ConnState.ESTABLISHED ||
+      this.state !== ConnState.ESTABLISHED || this.hostFd < 0 ||
       (this.guestShutdown & VIRTIO_VSOCK_SHUTDOWN_F_SEND) !== 0
     ) {
       log.warn(`vsock: data on ${this.describe()} in the wrong state; resetting`);
@@ -360,7 +385,7 @@ export class VsockConnection {
 
   #maybeShutHostWrite(): void {
     if (
-      !this.hostWriteShut && this.toHost.length === 0 &&
+      !this.hostWriteShut && this.toHost.length === 0 && this.hostFd >= 0 &&
       (this.guestShutdown & VIRTIO_VSOCK_SHUTDOWN_F_SEND) !== 0
     ) {
       this.hostWriteShut = true;
@@ -389,10 +414,24 @@ export class VsockConnection {
       if ((ev & EPOLLOUT) !== 0 && this.toHost.length > 0) this.flushToHost();
       if (this.closed) return;
       if ((ev & ~EPOLLOUT) !== 0) {
+        if ((ev & EPOLLHUP) !== 0) this.#onHostHup();
         this.hostReadable = true;
         if (this.hasRxWork()) this.ctx.scheduleRx(this);
       }
     });
+  }
+
+  /**
+   * The host app closed its socket entirely. If its EOF was already read and announced as a
+   * half-close (the HUP came later), the guest now gets SHUTDOWN with both flags.
+   */
+  #onHostHup(): void {
+    if (this.hostHup) return;
+    this.hostHup = true;
+    if (this.hostEof && this.shutdownFlagsToSend !== VIRTIO_VSOCK_SHUTDOWN_F_BOTH) {
+      this.shutdownFlagsToSend = VIRTIO_VSOCK_SHUTDOWN_F_BOTH;
+      this.pending |= Pending.SHUTDOWN;
+    }
   }
 
   /** Host-initiated: owe the guest a REQUEST and give it `ms` to answer. */
@@ -427,7 +466,10 @@ export class VsockConnection {
     return h;
   }
 
-  /** Writes the next packet owed to the guest into `chain`; returns its length or -1. */
+  /**
+   * Writes the next packet owed to the guest into `chain`; returns its length or -1 (nothing
+   * could go into this buffer: see `canSendInto`).
+   */
   fillRx(chain: DescChain): number {
     const p = this.pending;
     if (p & Pending.RST) {
@@ -442,14 +484,22 @@ export class VsockConnection {
       this.pending &= ~Pending.RESPONSE;
       return this.#emit(chain, VIRTIO_VSOCK_OP_RESPONSE);
     }
-    // Data before SHUTDOWN: the SHUTDOWN(SEND) for host EOF goes after the bytes read.
-    const data = this.#fillData(chain);
-    if (data >= 0) return data;
-    if (this.state === ConnState.CLOSED) return -1;
-    if (this.pending & Pending.SHUTDOWN) {
+    if (p & Pending.CREDIT_REQUEST) {
+      this.pending &= ~Pending.CREDIT_REQUEST;
+      return this.#emit(chain, VIRTIO_VSOCK_OP_CREDIT_REQUEST);
+    }
+    // Data before SHUTDOWN: the SHUTDOWN for host EOF goes after the bytes read.
+    const room = chain.writableLen - VIRTIO_VSOCK_HDR_SIZE;
+    if (room > 0 && this.#owesData()) {
+      const data = this.#fillData(chain, room);
+      if (data >= 0) return data;
+    }
+    if (this.closed) return -1;
+    if ((this.pending & Pending.SHUTDOWN) !== 0 && !this.#owesData()) {
       this.pending &= ~Pending.SHUTDOWN;
       const len = this.#emit(chain, VIRTIO_VSOCK_OP_SHUTDOWN, this.shutdownFlagsToSend);
-      this.#maybeFinish();
+      if (this.shutdownFlagsToSend === VIRTIO_VSOCK_SHUTDOWN_F_BOTH) this.#hostGone();
+      else this.#maybeFinish();
       return len;
     }
     if (this.pending & Pending.CREDIT_UPDATE) {
@@ -466,14 +516,12 @@ export class VsockConnection {
     return VIRTIO_VSOCK_HDR_SIZE;
   }
 
-  /** One RW packet from early bytes or the host socket; -1 if there is none to send. */
-  #fillData(chain: DescChain): number {
-    if (this.state !== ConnState.ESTABLISHED) return -1;
-    if ((this.guestShutdown & VIRTIO_VSOCK_SHUTDOWN_F_RECEIVE) !== 0) return -1;
-    const credit = this.credit.peerFree();
-    if (credit <= 0) return -1;
-    const max = Math.min(chain.writableLen - VIRTIO_VSOCK_HDR_SIZE, credit, MAX_PKT_PAYLOAD);
-    if (max <= 0) return -1;
+  /**
+   * One RW packet of at most `room` bytes from early bytes or the host socket (the caller
+   * checked `#owesData()`); -1 if the socket had nothing after all.
+   */
+  #fillData(chain: DescChain, room: number): number {
+    const max = Math.min(room, this.credit.peerFree(), MAX_PKT_PAYLOAD);
     let n: number;
     if (this.fromHost !== null) {
       const early = this.fromHost;
@@ -481,7 +529,6 @@ export class VsockConnection {
       chain.writeFrom(early.subarray(0, n), VIRTIO_VSOCK_HDR_SIZE);
       this.fromHost = n < early.length ? early.subarray(n) : null;
     } else {
-      if (!this.hostReadable || this.hostEof) return -1;
       const iov = this.ctx.iov;
       const iovs = chain.hostIovecs(chain.mem!, iov, VIRTIO_VSOCK_HDR_SIZE, max, true);
       n = readvRaw(this.hostFd, iov, iovs);
@@ -490,10 +537,15 @@ export class VsockConnection {
         return -1;
       }
       if (n === 0) {
-        // Host EOF: half-close toward the guest (SHUTDOWN with SEND only).
+        // Host EOF: a half-close toward the guest (SHUTDOWN with SEND only), or a full
+        // close when the app closed its socket (SHUTDOWN with both flags; see #hostGone).
         this.hostReadable = false;
         this.hostEof = true;
-        this.shutdownFlagsToSend = VIRTIO_VSOCK_SHUTDOWN_F_SEND;
+        // The HUP may not have been reported yet when the EOF is read: ask the socket.
+        if (!this.hostHup) this.hostHup = (pollFds([this.hostFd], [0], 0)[0] & POLLHUP) !== 0;
+        this.shutdownFlagsToSend = this.hostHup
+          ? VIRTIO_VSOCK_SHUTDOWN_F_BOTH
+          : VIRTIO_VSOCK_SHUTDOWN_F_SEND;
         this.pending |= Pending.SHUTDOWN;
         if (log.debugOn) log.debug(`vsock: host EOF on ${this.describe()}`);
         return -1;
@@ -514,6 +566,37 @@ export class VsockConnection {
 
   // --- teardown ------------------------------------------------------------------------------
 
+  /**
+   * The host app closed its socket and the guest was told (SHUTDOWN with both flags): free
+   * the host socket now, and wait for the guest's RST (Linux sends it at once when nothing
+   * is left unread) at most SHUTDOWN_TIMEOUT_MS before ending the connection ourselves. A
+   * host app that connects and closes at once therefore never pins an fd or a table slot.
+   */
+  #hostGone(): void {
+    if (this.closed) return;
+    if (this.toHost.length > 0 && log.debugOn) {
+      log.debug(`vsock: ${this.toHost.length} bytes for a closed host app dropped`);
+    }
+    this.#closeHostFd();
+    this.timer?.cancel();
+    this.timer = this.ctx.reactor.setTimer(SHUTDOWN_TIMEOUT_MS, () => {
+      this.timer = null;
+      if (log.debugOn) {
+        log.debug(`vsock: no RST from the guest for ${this.describe()}; sending one`);
+      }
+      this.reset();
+    });
+  }
+
+  #closeHostFd(): void {
+    if (this.hostFd < 0) return;
+    this.ctx.reactor.removeFd(this.hostFd);
+    close(this.hostFd);
+    this.hostFd = -1;
+    this.toHost.clear();
+    this.fromHost = null;
+  }
+
   /** Ends the connection: closes the host socket and owes the guest an RST. */
   reset(): void {
     if (this.state === ConnState.CLOSED) return;
@@ -526,11 +609,7 @@ export class VsockConnection {
       this.state = ConnState.CLOSED;
       this.timer?.cancel();
       this.timer = null;
-      this.ctx.reactor.removeFd(this.hostFd);
-      close(this.hostFd);
-      this.hostFd = -1;
-      this.toHost.clear();
-      this.fromHost = null;
+      this.#closeHostFd();
       this.ctx.forget(this);
       this.ctx.stats.resets++;
       if (log.debugOn) log.debug(`vsock: closed ${this.describe()}`);

@@ -188,17 +188,26 @@ export const DEFAULT_BUF_ALLOC = 256 * 1024;
  */
 export const CREDIT_UPDATE_THRESHOLD = 64 * 1024;
 
-/** Most simultaneous connections per guest (Firecracker's limit). */
+/** Most simultaneous connections per guest by default (`--max-connections`; Firecracker's
+ * limit). */
 export const MAX_CONNECTIONS = 1023;
 
-/** How long a host-initiated REQUEST may wait for the guest's RESPONSE (Firecracker: 2 s). */
+/** How long a host-initiated REQUEST may wait for the guest's RESPONSE by default
+ * (`--connect-timeout-ms`; Firecracker: 2 s). */
 export const CONNECT_TIMEOUT_MS = 2000;
 
 /**
- * How long a clean close (SHUTDOWN sent) may wait for the peer's RST before we send one
- * (Firecracker: 2 s; the spec leaves it to the implementation).
+ * How long a full close (SHUTDOWN with both flags sent after the host app closed its socket)
+ * may wait for the guest's RST before we send one (Firecracker: 2 s; the spec leaves it to
+ * the implementation).
  */
 export const SHUTDOWN_TIMEOUT_MS = 2000;
+
+/**
+ * How long a connection the guest closed may keep draining queued bytes into a slow host
+ * app; longer than Linux's VSOCK_CLOSE_TIMEOUT (8 s), after which the guest resets anyway.
+ */
+export const CLOSE_DRAIN_TIMEOUT_MS = 10_000;
 
 // ---------------------------------------------------------------------------------------
 // Names for logs

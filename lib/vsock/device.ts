@@ -26,7 +26,7 @@
  * sibling traffic until the driver re-reads its config after the event; when the VMM keeps
  * the event queue (QEMU) it sends the event itself and nothing is held (see docs/snapshot.md).
  */
-import { log } from "../log.ts";
+import { log, LogLimiter } from "../log.ts";
 import type { Reactor } from "../reactor.ts";
 import { DescChain } from "../virtio/desc_chain.ts";
 import {
@@ -56,7 +56,7 @@ import {
   writeVsockConfig,
 } from "./constants.ts";
 import { type VsockDeviceOptions, VsockMuxer } from "./muxer.ts";
-import { decodeSnapshot, encodeSnapshot } from "../snapshot/format.ts";
+import { RestoreGate } from "./restore.ts";
 import { type DeviceStats, newDeviceStats } from "./stats.ts";
 
 export type { DeviceStats } from "./stats.ts";
@@ -86,24 +86,25 @@ export class VsockDevice implements VirtioDevice {
   #txNeedsRun = false;
   #rxSignal = false;
   #txSignal = false;
+  /** queues already reported broken */
+  readonly #brokenReported = new WeakSet<SplitQueue>();
+  readonly #badChainLog = new LogLimiter("vsock: invalid descriptor chains");
   /** TX stopped because too many replies are owed; RX draining resumes it */
   #txBlocked = false;
   #ackedFeatures = 0n;
-  /** a transport reset event is owed to the driver (after a state load) */
-  transportResetPending = false;
-  /** host/sibling traffic is held until the driver has (re)read the config */
-  activated = true;
-  /** the front end configured the event queue: we deliver TRANSPORT_RESET ourselves */
-  eventQueueOwned = false;
+  /** saved state, and what is owed and held after a load */
+  readonly restore: RestoreGate;
 
   constructor(readonly options: VsockDeviceOptions) {
     this.name = `vsock(cid ${options.guestCid})`;
     this.maxQueueSize = options.queueSize;
     this.#rxChain = new DescChain(Math.max(options.queueSize, 1024) * 2);
     this.#txChain = new DescChain(Math.max(options.queueSize, 1024) * 2);
-    this.muxer = new VsockMuxer(options, this.stats, () => {
+    const requestRx = () => {
       this.#rxNeedsRun = true;
-    });
+    };
+    this.muxer = new VsockMuxer(options, this.stats, requestRx);
+    this.restore = new RestoreGate(this.muxer, options.guestCid, requestRx);
   }
 
   get guestCid(): number {
@@ -133,13 +134,15 @@ export class VsockDevice implements VirtioDevice {
     if (offset < 0 || size < 0 || offset + size > VIRTIO_VSOCK_CONFIG_SIZE) return null;
     const cfg = new Uint8Array(VIRTIO_VSOCK_CONFIG_SIZE);
     writeVsockConfig(new DataView(cfg.buffer), 0, this.options.guestCid);
-    if (!this.activated) this.#configRead();
+    this.restore.configRead();
     return cfg.slice(offset, offset + size);
   }
 
   queueActive(q: ActiveQueue): void {
-    if (q.index === VSOCK_VQ_RX) this.#rx = q;
-    else if (q.index === VSOCK_VQ_TX) this.#tx = q;
+    if (q.index === VSOCK_VQ_RX) {
+      this.#rx = q;
+      this.restore.rxActive(this.#reactor);
+    } else if (q.index === VSOCK_VQ_TX) this.#tx = q;
     else if (q.index === VSOCK_VQ_EVENT) this.#evt = q;
   }
 
@@ -150,8 +153,8 @@ export class VsockDevice implements VirtioDevice {
   }
 
   queueConfigured(index: number): void {
-    if (index === VSOCK_VQ_EVENT && !this.eventQueueOwned) {
-      this.eventQueueOwned = true;
+    if (index === VSOCK_VQ_EVENT && !this.restore.eventQueueOwned) {
+      this.restore.eventQueueOwned = true;
       log.debug("vsock: the front end hands us the event queue");
     }
   }
@@ -166,12 +169,8 @@ export class VsockDevice implements VirtioDevice {
     const n = this.muxer.reset();
     this.#rx = this.#tx = this.#evt = null;
     this.#ackedFeatures = 0n;
-    this.transportResetPending = false;
-    this.activated = true;
-    if (reason !== "driver-reset") {
-      this.eventQueueOwned = false;
-      this.guestListenerPorts.clear();
-    }
+    this.restore.reset(reason === "driver-reset");
+    if (reason !== "driver-reset") this.guestListenerPorts.clear();
     if (n > 0) log.info(`vsock: device reset (${reason}): closed ${n} host connections`);
   }
 
@@ -234,11 +233,14 @@ export class VsockDevice implements VirtioDevice {
       handled++;
       if (r === POP_INVALID) {
         this.#badChain(q, chain.head, "tx", q.lastError);
+        this.#txSignal = true;
         continue;
       }
       if (chain.readableLen < VIRTIO_VSOCK_HDR_SIZE) {
         this.stats.badChains++;
-        log.warn(`vsock: tx chain shorter than a header (${chain.readableLen} bytes); dropped`);
+        if (this.#badChainLog.allow()) {
+          log.warn(`vsock: tx chain shorter than a header (${chain.readableLen} bytes); dropped`);
+        }
       } else {
         this.muxer.txPacket(chain);
       }
@@ -246,17 +248,23 @@ export class VsockDevice implements VirtioDevice {
       this.#txSignal = true;
     }
     this.muxer.gather.flush();
-    if (q.broken !== null) log.error(`vsock: tx queue broken: ${q.broken}`);
+    this.#reportBroken(q, "tx");
   }
 
+  /** Logs once per queue that the guest corrupted it (it then yields nothing until reset). */
+  #reportBroken(q: SplitQueue, which: string): void {
+    if (q.broken === null || this.#brokenReported.has(q)) return;
+    this.#brokenReported.add(q);
+    log.error(`vsock: ${which} queue broken: ${q.broken}`);
+  }
+
+  /** Returns an invalid chain with used len 0; the caller publishes it (`#txSignal` etc.). */
   #badChain(q: SplitQueue, head: number, which: string, why: string): void {
     this.stats.badChains++;
-    if (this.stats.badChains <= 10 || log.debugOn) {
+    if (this.#badChainLog.allow()) {
       log.warn(`vsock: invalid ${which} descriptor chain (head ${head}): ${why}`);
     }
     q.pushUsed(head, 0);
-    if (which === "tx") this.#txSignal = true;
-    else this.#rxSignal = true;
   }
 
   // --- RX: host -> guest ---------------------------------------------------------------------
@@ -265,7 +273,7 @@ export class VsockDevice implements VirtioDevice {
     this.#rxNeedsRun = false;
     const rx = this.#rx;
     if (rx === null) return;
-    if (!this.activated) return;
+    if (!this.restore.activated) return;
     const q = rx.queue;
     const chain = this.#rxChain;
     const muxer = this.muxer;
@@ -280,10 +288,12 @@ export class VsockDevice implements VirtioDevice {
       if (r === POP_EMPTY) break;
       if (r === POP_INVALID) {
         this.#badChain(q, chain.head, "rx", q.lastError);
+        this.#rxSignal = true;
         continue;
       }
       if (chain.writableLen < VIRTIO_VSOCK_HDR_SIZE || chain.readableCount !== 0) {
         this.#badChain(q, chain.head, "rx", `buffer of ${chain.writableLen} writable bytes`);
+        this.#rxSignal = true;
         continue;
       }
       const len = muxer.fillRx(chain);
@@ -298,6 +308,7 @@ export class VsockDevice implements VirtioDevice {
       produced++;
     }
     muxer.scheduler.compact();
+    this.#reportBroken(q, "rx");
     // Replies drained: a TX backlog may proceed (on the next batch).
     if (this.#txBlocked && !muxer.scheduler.orphansFull) {
       this.#txBlocked = false;
@@ -308,78 +319,25 @@ export class VsockDevice implements VirtioDevice {
 
   // --- event queue / activation (snapshot restore) ---------------------------------------------
 
-  /**
-   * The driver read the config space while host traffic is held after a load.
-   * When we own the event queue, a read before the TRANSPORT_RESET event was
-   * delivered is the driver's stale pre-snapshot read (the race rust-vmm's PR
-   * admitted): it does not count. The read that follows the event is the
-   * driver re-reading its CID after dropping its connections: traffic may flow.
-   * When the front end keeps the event queue (QEMU), the first read counts.
-   */
-  #configRead(): void {
-    if (this.eventQueueOwned && this.transportResetPending) {
-      log.info("vsock: config read before the transport reset was delivered; traffic still held");
-      return;
-    }
-    this.activated = true;
-    log.info("vsock: the driver re-read the config after the restore; host traffic flows");
-    this.#rxNeedsRun = true;
-  }
-
   saveState(): Uint8Array {
-    return encodeSnapshot({
-      guestCid: this.options.guestCid,
-      features: this.#ackedFeatures.toString(16),
-      guestListenerPorts: [...this.guestListenerPorts],
-      connections: this.muxer.savedConnections(),
-      transportResetPending: this.transportResetPending,
-      activated: this.activated,
-      eventQueueOwned: this.eventQueueOwned,
-      savedAt: new Date().toISOString(),
-    });
+    return this.restore.save(this.#ackedFeatures);
   }
 
-  /**
-   * Loads a saved state (rings stopped). Connections do not survive: the driver
-   * drops its own on TRANSPORT_RESET, so ours are reset on the host side too.
-   * Host traffic is held until the driver has re-read the config.
-   */
+  /** Loads a saved state (rings stopped): see `restore.ts`. */
   loadState(bytes: Uint8Array): void {
-    const s = decodeSnapshot(bytes);
-    // Connections the guest knew are gone after its reset; host connects still waiting to be
-    // offered to the guest (REQUEST not sent yet) are held, not dropped.
-    const open = this.muxer.closeForLoad();
-    if (s.guestCid !== this.options.guestCid) {
-      log.info(
-        `vsock: restored state was CID ${s.guestCid}; this device is CID ${this.options.guestCid}`,
-      );
-    }
-    for (const p of s.guestListenerPorts) this.guestListenerPorts.add(p);
-    this.transportResetPending = true;
-    // A VMM that keeps the event queue (QEMU) sends TRANSPORT_RESET itself and answers the
-    // driver's config reads from its own cache: nothing the driver does is visible here, so
-    // holding traffic would hold it forever. Hold only when the event queue is ours.
-    this.activated = s.eventQueueOwned === false;
-    log.info(
-      `vsock: state loaded (saved ${s.savedAt}, ${s.connections.length} connections then, ` +
-        `${open} host connections closed now); TRANSPORT_RESET owed, host traffic ` +
-        (this.activated
-          ? "flows (the VMM keeps the event queue)"
-          : "held until the config is re-read"),
-    );
+    this.restore.load(bytes);
   }
 
   /** Sends VIRTIO_VSOCK_EVENT_TRANSPORT_RESET if one is owed and the event queue is ours. */
   #sendTransportReset(): void {
     const evt = this.#evt;
-    if (!this.transportResetPending || evt === null) return;
+    if (!this.restore.transportResetPending || evt === null) return;
     const q = evt.queue;
     const chain = this.#rxChain;
-    const r = q.pop(chain);
-    if (r === POP_EMPTY) {
-      q.enableNotification();
-      return;
-    }
+    // Empty: notifications re-armed and re-checked, so an event buffer posted meanwhile is
+    // used now, and a later one comes with a kick.
+    const r = q.popOrArm(chain);
+    if (r === POP_EMPTY) return;
     if (r === POP_INVALID || chain.writableLen < VIRTIO_VSOCK_EVENT_SIZE) {
       this.#badChain(q, chain.head, "event", q.lastError || "event buffer too small");
       this.#publish(q, evt.notifier);
@@ -390,9 +348,6 @@ export class VsockDevice implements VirtioDevice {
     chain.writeFrom(ev, 0);
     q.pushUsed(chain.head, VIRTIO_VSOCK_EVENT_SIZE);
     this.#publish(q, evt.notifier);
-    this.transportResetPending = false;
-    log.info(
-      "vsock: TRANSPORT_RESET event sent to the driver; waiting for it to re-read the config",
-    );
+    this.restore.resetDelivered();
   }
 }

@@ -83,6 +83,8 @@ export class VsockMuxer implements ConnectionContext, SiblingEndpoint {
   #nextHostPort = HOST_PORT_FIRST;
   /** guest ports host apps reached (listeners the driver keeps across a transport reset) */
   readonly guestListenerPorts: Set<number> = new Set<number>();
+  /** connections opened around a VMM-delivered transport reset (see `restore.ts`) */
+  #window: Set<VsockConnection> | null = null;
 
   constructor(
     readonly options: VsockDeviceOptions,
@@ -212,7 +214,7 @@ export class VsockMuxer implements ConnectionContext, SiblingEndpoint {
       false,
     );
     c.credit.updateFromPeer(h.bufAlloc, h.fwdCnt);
-    this.#conns.add(c);
+    this.#add(c);
     c.watchHost();
     c.pending |= Pending.RESPONSE;
     this.scheduleRx(c);
@@ -252,9 +254,35 @@ export class VsockMuxer implements ConnectionContext, SiblingEndpoint {
       true,
     );
     c.fromHost = early;
-    this.#conns.add(c);
+    this.#add(c);
     c.offerToGuest(this.options.connectTimeoutMs);
     log.info(`vsock: host app connecting to guest port ${port} (host port ${localPort})`);
+  }
+
+  #add(c: VsockConnection): void {
+    this.#conns.add(c);
+    this.#window?.add(c);
+  }
+
+  /** From now on, remember new connections: they may not survive the coming transport reset. */
+  openConfirmWindow(): void {
+    this.#window = new Set(this.#conns.all());
+  }
+
+  /** The reset is handled: ask the guest about each connection of the window (a CREDIT_REQUEST;
+   * a dropped one answers RST, which closes the host socket). Returns how many were asked. */
+  confirmWindow(): number {
+    const window = this.#window;
+    this.#window = null;
+    if (window === null) return 0;
+    let n = 0;
+    for (const c of window) {
+      if (c.closed) continue;
+      c.pending |= Pending.CREDIT_REQUEST;
+      this.scheduleRx(c);
+      n++;
+    }
+    return n;
   }
 
   #allocHostPort(guestPort: number): number {
@@ -293,15 +321,33 @@ export class VsockMuxer implements ConnectionContext, SiblingEndpoint {
       return this.#fillFromSibling(chain);
     }
     this.#siblingTurn = siblings;
-    for (let c = this.scheduler.nextFlow(); c !== undefined; c = this.scheduler.nextFlow()) {
-      if (c.state === ConnState.CLOSED && (c.pending & Pending.RST) === 0) continue;
-      const len = c.fillRx(chain);
-      if (c.state !== ConnState.CLOSED || (c.pending & Pending.RST) !== 0) {
+    const len = this.#fillFromFlows(chain);
+    if (len >= 0) return len;
+    return siblings ? this.#fillFromSibling(chain) : -1;
+  }
+
+  /**
+   * The first queued connection that can use `chain` fills it; the ones that cannot keep
+   * their place. Each connection queued when the buffer came is visited at most once.
+   */
+  #fillFromFlows(chain: DescChain): number {
+    const sched = this.scheduler;
+    const room = chain.writableLen - VIRTIO_VSOCK_HDR_SIZE;
+    let len = -1;
+    for (let budget = sched.queuedFlows; budget > 0 && len < 0; budget--) {
+      const c = sched.nextFlow()!;
+      if (c.closed && (c.pending & Pending.RST) === 0) continue;
+      if (!c.canSendInto(room)) {
+        sched.passOver(c);
+        continue;
+      }
+      len = c.fillRx(chain);
+      if (!c.closed || (c.pending & Pending.RST) !== 0) {
         if (c.hasRxWork()) this.scheduleRx(c);
       }
-      if (len >= 0) return len;
     }
-    return siblings ? this.#fillFromSibling(chain) : -1;
+    sched.restorePassedOver();
+    return len;
   }
 
   // --- sibling VMs ---------------------------------------------------------------------------
@@ -345,6 +391,7 @@ export class VsockMuxer implements ConnectionContext, SiblingEndpoint {
   reset(): number {
     const n = this.#conns.size;
     for (const c of [...this.#conns.all()]) c.destroy(false);
+    this.#window = null;
     this.scheduler.clear();
     this.#inbox.clear();
     return n;

@@ -12,7 +12,10 @@
  *   taking tx packets until the guest takes replies (back-pressure instead of memory).
  *
  * Connections are queued at most once (`inRxQueue`), so the queue holds at most one entry
- * per connection.
+ * per connection. A connection that cannot use the buffer in hand (a header-only buffer
+ * while it owes data) is passed over for that buffer and keeps its place (`passOver`,
+ * `restorePassedOver`): one buffer visits each queued connection at most once, so a guest
+ * posting buffers nobody can use costs one pass, never a loop.
  */
 import type { VsockConnection } from "./connection.ts";
 
@@ -30,7 +33,10 @@ export interface OrphanReset {
 export class RxScheduler {
   #flows: VsockConnection[] = [];
   #head = 0;
-  readonly #orphans: OrphanReset[] = [];
+  /** connections passed over for the buffer in hand, in queue order */
+  readonly #passed: VsockConnection[] = [];
+  #orphans: OrphanReset[] = [];
+  #orphanHead = 0;
 
   /** Queues `c` (once) for an rx visit. */
   schedule(c: VsockConnection): void {
@@ -53,6 +59,29 @@ export class RxScheduler {
     return c;
   }
 
+  /** Connections waiting for a visit. */
+  get queuedFlows(): number {
+    return this.#flows.length - this.#head;
+  }
+
+  /** `c` (just taken with `nextFlow`) cannot use the buffer in hand: it keeps its place. */
+  passOver(c: VsockConnection): void {
+    this.#passed.push(c);
+  }
+
+  /** Puts the connections passed over back at the head of the queue, in their order. */
+  restorePassedOver(): void {
+    const passed = this.#passed;
+    for (let i = passed.length - 1; i >= 0; i--) {
+      const c = passed[i];
+      if (c.inRxQueue) continue; // re-queued meanwhile
+      c.inRxQueue = true;
+      if (this.#head > 0) this.#flows[--this.#head] = c;
+      else this.#flows.unshift(c);
+    }
+    passed.length = 0;
+  }
+
   /** Drops visited entries (call after an rx pass). */
   compact(): void {
     if (this.#head >= this.#flows.length) {
@@ -66,12 +95,12 @@ export class RxScheduler {
 
   /** Orphan RSTs owed. */
   get orphanCount(): number {
-    return this.#orphans.length;
+    return this.#orphans.length - this.#orphanHead;
   }
 
   /** The orphan queue is full: stop producing more until the guest takes some. */
   get orphansFull(): boolean {
-    return this.#orphans.length >= MAX_PENDING_RESETS;
+    return this.orphanCount >= MAX_PENDING_RESETS;
   }
 
   /** Owes an orphan RST; false (dropped) when the queue is full. */
@@ -81,20 +110,29 @@ export class RxScheduler {
     return true;
   }
 
-  /** The next orphan RST to send, or undefined. */
+  /** The next orphan RST to send (oldest first), or undefined. */
   nextOrphan(): OrphanReset | undefined {
-    return this.#orphans.pop();
+    if (this.#orphanHead >= this.#orphans.length) return undefined;
+    const o = this.#orphans[this.#orphanHead++];
+    if (this.#orphanHead === this.#orphans.length) this.clearOrphans();
+    else if (this.#orphanHead > MAX_PENDING_RESETS) {
+      this.#orphans = this.#orphans.slice(this.#orphanHead);
+      this.#orphanHead = 0;
+    }
+    return o;
   }
 
   /** Forgets the orphan RSTs (a load: the guest's old connections are gone). */
   clearOrphans(): void {
-    this.#orphans.length = 0;
+    this.#orphans = [];
+    this.#orphanHead = 0;
   }
 
   /** Forgets everything (device reset). */
   clear(): void {
     this.#flows = [];
     this.#head = 0;
-    this.#orphans.length = 0;
+    this.#passed.length = 0;
+    this.clearOrphans();
   }
 }

@@ -26,6 +26,11 @@ export const MAX_GATHER_BYTES = 512 * 1024;
 export class TxGather {
   readonly #iov = new BigUint64Array(2 * MAX_GATHER_IOV);
   readonly #words = new Uint32Array(this.#iov.buffer);
+  /** each iovec's region and offset, to copy what the socket did not take */
+  readonly #segs = {
+    region: new Int32Array(MAX_GATHER_IOV),
+    offset: new Float64Array(MAX_GATHER_IOV),
+  };
   #conn: VsockConnection | null = null;
   #mem: GuestMemory | null = null;
   #count = 0;
@@ -57,6 +62,7 @@ export class TxGather {
         len,
         false,
         this.#count,
+        this.#segs,
       );
       if (chain.iovBytes === len) {
         this.#conn = c;
@@ -97,16 +103,14 @@ export class TxGather {
     const w = this.#words;
     let off = 0;
     for (let i = 0; i < count && off < dst.length; i++) {
-      const base = w[4 * i] + w[4 * i + 1] * 0x1_0000_0000;
       const len = w[4 * i + 2];
       if (skip >= len) {
         skip -= len;
         continue;
       }
-      const r = mem.regions.find((r) => base >= r.hostAddr && base < r.hostAddr + r.size)!;
-      const from = base - r.hostAddr + skip;
+      const from = this.#segs.offset[i] + skip;
       const n = Math.min(len - skip, dst.length - off);
-      dst.set(r.bytes.subarray(from, from + n), off);
+      dst.set(mem.regions[this.#segs.region[i]].bytes.subarray(from, from + n), off);
       off += n;
       skip = 0;
     }

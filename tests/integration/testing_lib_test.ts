@@ -69,7 +69,12 @@ async function hostToGuestRoundTrip(vm: VmHandle, port: number, size: number): P
   host.conn.close();
   assert.equal(await conn.read(), null, "EOF after the host closed");
   await conn.close();
-  assert.equal(conn.closeReason, "closed");
+  // The host app closed its socket entirely: the back end sends SHUTDOWN with both flags and
+  // the guest ends the connection at once (with RST), unless its own close got there first.
+  assert.ok(
+    conn.closeReason === "peer-closed" || conn.closeReason === "closed",
+    `a clean close, not ${conn.closeReason}`,
+  );
   listener.close();
 }
 

@@ -99,9 +99,9 @@ import {
   type VringAddr,
 } from "../vhost_user/messages.ts";
 import {
-  featureMask,
+  ALWAYS_REPLIED_REQUESTS,
   requestName,
-  VHOST_F_LOG_ALL,
+  VHOST_F_LOG_ALL_MASK as LOG_ALL_MASK,
   VHOST_LOG_PAGE,
   VHOST_MEMORY_BASELINE_NREGIONS,
   VHOST_TRANSFER_STATE_DIRECTION_LOAD,
@@ -109,7 +109,7 @@ import {
   VHOST_TRANSFER_STATE_PHASE_STOPPED,
   VHOST_USER_DEVICE_STATE_ERROR_MASK,
   VHOST_USER_DEVICE_STATE_NOFD_MASK,
-  VHOST_USER_F_PROTOCOL_FEATURES,
+  VHOST_USER_F_PROTOCOL_FEATURES_MASK as PROTOCOL_FEATURES_MASK,
   VHOST_USER_HDR_SIZE,
   VHOST_USER_MAX_PAYLOAD_SIZE,
   VHOST_USER_REPLY_MASK,
@@ -120,6 +120,7 @@ import {
   VhostUserRequest as R,
 } from "../vhost_user/protocol.ts";
 import {
+  featureMask,
   VIRTIO_F_NOTIFY_ON_EMPTY,
   VIRTIO_F_VERSION_1,
   VIRTIO_RING_F_EVENT_IDX,
@@ -196,22 +197,6 @@ export const QEMU_GUEST_FEATURES: bigint = featureMask(VIRTIO_F_VERSION_1) |
 export const CROSVM_GUEST_FEATURES: bigint = ((1n << 24n) - 1n) | featureMask(VIRTIO_F_VERSION_1) |
   featureMask(VIRTIO_RING_F_EVENT_IDX);
 
-/** Requests the back end always answers (the spec's "reply" column). */
-const ALWAYS_REPLIED: ReadonlySet<number> = new Set([
-  R.GET_FEATURES,
-  R.GET_PROTOCOL_FEATURES,
-  R.GET_VRING_BASE,
-  R.GET_CONFIG,
-  R.GET_QUEUE_NUM,
-  R.GET_MAX_MEM_SLOTS,
-  R.GET_STATUS,
-  R.GET_INFLIGHT_FD,
-  R.SET_DEVICE_STATE_FD,
-  R.CHECK_DEVICE_STATE,
-]);
-
-const PROTOCOL_FEATURES_MASK = featureMask(VHOST_USER_F_PROTOCOL_FEATURES);
-const LOG_ALL_MASK = featureMask(VHOST_F_LOG_ALL);
 const EMPTY = new Uint8Array(0);
 
 // ---------------------------------------------------------------------------------------
@@ -550,7 +535,7 @@ export class VhostUserFrontEnd {
     this.trace.push({ request: req, name: requestName(req), flags, payload, fds: fds.length });
     this.#sendAll(msg, fds, req);
     const expect = opts.expectReply ??
-      (ALWAYS_REPLIED.has(req) ||
+      (ALWAYS_REPLIED_REQUESTS.has(req) ||
         (req === R.SET_LOG_BASE && this.hasProtocolFeature(PF.LOG_SHMFD)) ||
         (needReply && this.hasProtocolFeature(PF.REPLY_ACK)));
     if (!expect) return null;

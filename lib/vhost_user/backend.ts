@@ -52,11 +52,11 @@ import {
   type Payload,
 } from "./messages.ts";
 import {
-  featureMask,
+  DATA_REPLY_REQUESTS,
   requestName,
-  VHOST_F_LOG_ALL,
+  VHOST_F_LOG_ALL_MASK as LOG_ALL_MASK,
   VHOST_USER_DEVICE_STATE_NOFD_MASK,
-  VHOST_USER_F_PROTOCOL_FEATURES,
+  VHOST_USER_F_PROTOCOL_FEATURES_MASK as PROTOCOL_FEATURES_MASK,
   VHOST_USER_MAX_RAM_SLOTS,
   VHOST_USER_NEED_REPLY_MASK,
   VhostUserProtocolFeatureMask as PF,
@@ -69,18 +69,6 @@ import { DeviceStateChannel } from "./device_state.ts";
 export const BACKEND_PROTOCOL_FEATURES = PF.MQ | PF.REPLY_ACK | PF.CONFIGURE_MEM_SLOTS |
   PF.RESET_DEVICE | PF.STATUS | PF.LOG_SHMFD;
 
-const PROTOCOL_FEATURES_MASK = featureMask(VHOST_USER_F_PROTOCOL_FEATURES);
-const LOG_ALL_MASK = featureMask(VHOST_F_LOG_ALL);
-/** Requests whose reply carries data (not a status): a failure cannot be answered. */
-const DATA_REPLY_REQUESTS: ReadonlySet<number> = new Set([
-  R.GET_FEATURES,
-  R.GET_PROTOCOL_FEATURES,
-  R.GET_VRING_BASE,
-  R.GET_QUEUE_NUM,
-  R.GET_MAX_MEM_SLOTS,
-  R.GET_STATUS,
-  R.GET_INFLIGHT_FD,
-]);
 
 export interface BackendOptions {
   /** path of the listening socket (created; removed on close) */

@@ -46,7 +46,6 @@ import { isValidQueueSize } from "../virtio/split_layout.ts";
 import {
   VIRTIO_VSOCK_CONFIG_SIZE,
   VIRTIO_VSOCK_EVENT_TRANSPORT_RESET,
-  VSOCK_VQ_COUNT,
   VSOCK_VQ_EVENT,
 } from "../vsock/constants.ts";
 import { loadDeviceState, saveDeviceState } from "./device_state_transfer.ts";

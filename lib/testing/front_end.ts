@@ -266,9 +266,9 @@ export class VhostUserFrontEnd extends VhostUserClient {
    * with SET_DEVICE_STATE_FD(SAVE), the state is read to EOF (awaiting readiness, so other
    * async work keeps running), then CHECK_DEVICE_STATE must report 0. Needs DEVICE_STATE.
    */
-  saveDeviceState(timeoutMs = 5000): Promise<Uint8Array> {
-    this.#requireDeviceState();
-    return saveDeviceState(this, timeoutMs);
+  async saveDeviceState(timeoutMs = 5000): Promise<Uint8Array> {
+    this.#requireDeviceState(); // inside the async function: a rejection, not a throw
+    return await saveDeviceState(this, timeoutMs);
   }
 
   /**
@@ -276,9 +276,9 @@ export class VhostUserFrontEnd extends VhostUserClient {
    * SET_DEVICE_STATE_FD(LOAD), `state` is written and the pipe closed (EOF ends the
    * transfer), then CHECK_DEVICE_STATE must report 0. Needs DEVICE_STATE.
    */
-  loadDeviceState(state: Uint8Array, timeoutMs = 5000): Promise<void> {
-    this.#requireDeviceState();
-    return loadDeviceState(this, state, timeoutMs);
+  async loadDeviceState(state: Uint8Array, timeoutMs = 5000): Promise<void> {
+    this.#requireDeviceState(); // inside the async function: a rejection, not a throw
+    await loadDeviceState(this, state, timeoutMs);
   }
 
   #requireDeviceState(): void {

@@ -24,6 +24,7 @@ import {
   VHOST_TRANSFER_STATE_DIRECTION_LOAD,
   VHOST_TRANSFER_STATE_DIRECTION_SAVE,
 } from "../vhost_user/protocol.ts";
+import { concat } from "./bytes.ts";
 import { VhostUserError } from "./vhost_user_channel.ts";
 import type { VhostUserClient } from "./vhost_user_client.ts";
 
@@ -102,13 +103,11 @@ export async function loadDeviceState(
 async function readToEof(fd: number, timeoutMs: number, what: string): Promise<Uint8Array> {
   const deadline = Date.now() + timeoutMs;
   const chunks: Uint8Array[] = [];
-  let total = 0;
   const buf = new Uint8Array(65536);
   for (;;) {
     const n = readRaw(fd, buf);
     if (n > 0) {
       chunks.push(buf.slice(0, n));
-      total += n;
       continue;
     }
     if (n === 0) break;
@@ -117,13 +116,7 @@ async function readToEof(fd: number, timeoutMs: number, what: string): Promise<U
     if (left <= 0) throw new VhostUserError(`${what}: no EOF within ${timeoutMs} ms`);
     await pollFdsAsync([fd], [POLLIN], Math.min(left, 100));
   }
-  const out = new Uint8Array(total);
-  let off = 0;
-  for (const c of chunks) {
-    out.set(c, off);
-    off += c.length;
-  }
-  return out;
+  return concat(chunks);
 }
 
 async function writeAllFd(

@@ -8,9 +8,14 @@
  *
  * Everything runs on one reactor: the control socket and the kick eventfds are
  * handled in one program order, so a kick can never overtake the
- * SET_VRING_ENABLE that precedes it (seed 003), and a ring that becomes active
- * is always processed at once, so work queued before it started is not stranded
- * (seed 000).
+ * SET_VRING_ENABLE that precedes it ("never drop a kick"), and a ring that
+ * becomes active is always processed at once, so work queued before it started
+ * is not stranded ("kick after start").
+ *
+ * Requests are dispatched through a table of handlers grouped by concern
+ * (`handlers_negotiation.ts`, `handlers_memory.ts`, `handlers_vring.ts`,
+ * `handlers_device.ts`, over the `HandlerContext` of `handler_context.ts`); this
+ * module keeps the connection, the replies and the ring lifecycle.
  *
  * Replies: GET_* requests always reply. With REPLY_ACK negotiated, any other
  * request carrying NEED_REPLY gets a u64 ack (0 = success). A malformed
@@ -23,11 +28,9 @@ import {
   acceptRaw,
   close,
   EAGAIN,
-  EPOLLET,
   EPOLLIN,
   getSockOptInt,
   listenUnix,
-  mapShared,
   sendWithFds,
   setNonBlocking,
   SO_ACCEPTCONN,
@@ -40,24 +43,28 @@ import {
   VIRTIO_RING_F_EVENT_IDX_MASK,
   VIRTIO_RING_F_INDIRECT_DESC_MASK,
 } from "../virtio/features.ts";
+import { availRingSize, descTableSize, usedRingSize } from "../virtio/split_layout.ts";
 import type { VirtioDevice } from "./device.ts";
-import { checkBacked, MappedGuestMemory } from "./guest_memory.ts";
+import { MappedGuestMemory } from "./guest_memory.ts";
+import {
+  type BackendSession,
+  type Handler,
+  type HandlerContext,
+  newSession,
+  RequestError,
+} from "./handler_context.ts";
+import { DEVICE_HANDLERS } from "./handlers_device.ts";
+import { MEMORY_HANDLERS } from "./handlers_memory.ts";
+import { NEGOTIATION_HANDLERS } from "./handlers_negotiation.ts";
+import { VRING_HANDLERS } from "./handlers_vring.ts";
 import { MessageReader, type RawMessage } from "./message_reader.ts";
+import { CodecError, decodePayload, encodeConfigReply, encodeU64Reply } from "./messages.ts";
 import {
-  CodecError,
-  decodePayload,
-  encodeConfigReply,
-  encodeU64Reply,
-  encodeVringStateReply,
-  type Payload,
-} from "./messages.ts";
-import {
-  featureMask,
+  DATA_REPLY_REQUESTS,
   requestName,
-  VHOST_F_LOG_ALL,
+  VHOST_F_LOG_ALL_MASK as LOG_ALL_MASK,
   VHOST_USER_DEVICE_STATE_NOFD_MASK,
-  VHOST_USER_F_PROTOCOL_FEATURES,
-  VHOST_USER_MAX_RAM_SLOTS,
+  VHOST_USER_F_PROTOCOL_FEATURES_MASK as PROTOCOL_FEATURES_MASK,
   VHOST_USER_NEED_REPLY_MASK,
   VhostUserProtocolFeatureMask as PF,
   VhostUserRequest as R,
@@ -69,19 +76,6 @@ import { DeviceStateChannel } from "./device_state.ts";
 export const BACKEND_PROTOCOL_FEATURES = PF.MQ | PF.REPLY_ACK | PF.CONFIGURE_MEM_SLOTS |
   PF.RESET_DEVICE | PF.STATUS | PF.LOG_SHMFD;
 
-const PROTOCOL_FEATURES_MASK = featureMask(VHOST_USER_F_PROTOCOL_FEATURES);
-const LOG_ALL_MASK = featureMask(VHOST_F_LOG_ALL);
-/** Requests whose reply carries data (not a status): a failure cannot be answered. */
-const DATA_REPLY_REQUESTS: ReadonlySet<number> = new Set([
-  R.GET_FEATURES,
-  R.GET_PROTOCOL_FEATURES,
-  R.GET_VRING_BASE,
-  R.GET_QUEUE_NUM,
-  R.GET_MAX_MEM_SLOTS,
-  R.GET_STATUS,
-  R.GET_INFLIGHT_FD,
-]);
-
 export interface BackendOptions {
   /** path of the listening socket (created; removed on close) */
   socketPath?: string;
@@ -89,8 +83,13 @@ export interface BackendOptions {
   listenFd?: number;
 }
 
-/** Something went wrong handling one request: logged, acked as failure. */
-class RequestError extends Error {}
+/** Every request the back end handles, by id. */
+const HANDLERS: ReadonlyMap<number, Handler> = new Map([
+  ...NEGOTIATION_HANDLERS,
+  ...MEMORY_HANDLERS,
+  ...VRING_HANDLERS,
+  ...DEVICE_HANDLERS,
+]);
 
 export class VhostUserBackend {
   readonly memory: MappedGuestMemory = new MappedGuestMemory();
@@ -98,12 +97,10 @@ export class VhostUserBackend {
   #listenFd = -1;
   #connFd = -1;
   #reader: MessageReader | null = null;
-  #ackedFeatures = 0n;
-  #ackedProtocol = 0n;
-  #featuresSet = false;
-  #status = 0;
-  #owner = false;
-  #driverResetSuspected = false;
+  /** what the current front end negotiated */
+  readonly #session: BackendSession = newSession();
+  /** the back end as the request handlers see it */
+  readonly #ctx: HandlerContext;
   readonly #stateChannel: DeviceStateChannel;
   /** front ends served so far (for logs/tests) */
   connections = 0;
@@ -115,7 +112,40 @@ export class VhostUserBackend {
   ) {
     this.vrings = Array.from({ length: device.maxQueues }, (_, i) => new Vring(i));
     this.#stateChannel = new DeviceStateChannel(reactor, device);
+    this.#ctx = this.#handlerContext();
     device.attach(reactor);
+  }
+
+  #handlerContext(): HandlerContext {
+    const offered = () => this.offeredFeatures;
+    const offeredProtocol = () => this.offeredProtocolFeatures;
+    return {
+      reactor: this.reactor,
+      device: this.device,
+      memory: this.memory,
+      vrings: this.vrings,
+      session: this.#session,
+      stateChannel: this.#stateChannel,
+      get offeredFeatures() {
+        return offered();
+      },
+      get offeredProtocolFeatures() {
+        return offeredProtocol();
+      },
+      send: (bytes, fds) => this.#send(bytes, fds),
+      replyU64: (request, value) => this.#replyU64(request, value),
+      takeFd: (msg, i) => this.#takeFd(msg, i),
+      vring: (index) => this.#vring(index),
+      startRing: (v) => this.#startRing(v),
+      stopRing: (v) => this.#stopRing(v),
+      rebuildQueue: (v) => this.#rebuildQueue(v),
+      rebuildQueues: () => this.#rebuildQueues(),
+      updateActive: (v) => this.#updateActive(v),
+      deactivateAll: () => this.#deactivateAll(),
+      resetDevice: (why) => this.#resetDevice(why),
+      allStopped: () => this.#allStopped(),
+      onKick: (v) => this.#onKick(v),
+    };
   }
 
   /** Starts listening. */
@@ -223,12 +253,7 @@ export class VhostUserBackend {
     this.#reader?.dispose();
     this.#reader = null;
     this.#connFd = -1;
-    this.#ackedFeatures = 0n;
-    this.#ackedProtocol = 0n;
-    this.#featuresSet = false;
-    this.#status = 0;
-    this.#owner = false;
-    this.#driverResetSuspected = false;
+    Object.assign(this.#session, newSession());
   }
 
   /** Stops and forgets every ring, closing its fds. */
@@ -254,7 +279,7 @@ export class VhostUserBackend {
   }
 
   get #replyAck(): boolean {
-    return (this.#ackedProtocol & PF.REPLY_ACK) !== 0n;
+    return (this.#session.ackedProtocol & PF.REPLY_ACK) !== 0n;
   }
 
   #dispatch(msg: RawMessage): void {
@@ -267,7 +292,11 @@ export class VhostUserBackend {
     let replied = false;
     try {
       if (decoded instanceof CodecError) throw new RequestError(decoded.message);
-      replied = this.#handle(msg, decoded);
+      const handler = HANDLERS.get(msg.request);
+      if (handler === undefined) {
+        throw new RequestError(`request ${requestName(msg.request)} is not supported`);
+      }
+      replied = handler(this.#ctx, msg, decoded);
     } catch (e) {
       ok = false;
       const text = e instanceof Error ? e.message : String(e);
@@ -303,7 +332,7 @@ export class VhostUserBackend {
         this.#replyU64(request, 1);
         return true;
       case R.SET_LOG_BASE:
-        if ((this.#ackedProtocol & PF.LOG_SHMFD) === 0n) return false;
+        if ((this.#session.ackedProtocol & PF.LOG_SHMFD) === 0n) return false;
         this.#replyU64(request, 1);
         return true;
       case R.GET_CONFIG:
@@ -331,281 +360,11 @@ export class VhostUserBackend {
     return this.vrings[index];
   }
 
-  /** Handles one decoded request; returns true if it sent its own reply. */
-  #handle(msg: RawMessage, p: Payload): boolean {
-    switch (msg.request) {
-      case R.GET_FEATURES:
-        this.#replyU64(msg.request, this.offeredFeatures);
-        return true;
-      case R.SET_FEATURES:
-        this.#setFeatures(u64(p));
-        return false;
-      case R.GET_PROTOCOL_FEATURES:
-        this.#replyU64(msg.request, this.offeredProtocolFeatures);
-        return true;
-      case R.SET_PROTOCOL_FEATURES: {
-        const f = u64(p);
-        const unknown = f & ~this.offeredProtocolFeatures;
-        if (unknown !== 0n) {
-          log.warn(
-            `vhost-user: front end acked protocol features we did not offer: 0x${
-              unknown.toString(16)
-            }`,
-          );
-        }
-        this.#ackedProtocol = f & this.offeredProtocolFeatures;
-        return false;
-      }
-      case R.SET_OWNER:
-        this.#owner = true;
-        return false;
-      case R.RESET_OWNER:
-      case R.RESET_DEVICE:
-        this.#resetDevice(msg.request === R.RESET_OWNER ? "RESET_OWNER" : "RESET_DEVICE");
-        return false;
-      case R.GET_QUEUE_NUM:
-        this.#replyU64(msg.request, this.vrings.length);
-        return true;
-      case R.GET_MAX_MEM_SLOTS:
-        this.#replyU64(msg.request, VHOST_USER_MAX_RAM_SLOTS);
-        return true;
-      case R.SET_MEM_TABLE:
-        this.#setMemTable(msg, p);
-        return false;
-      case R.ADD_MEM_REG: {
-        if (p.kind !== "memRegion") throw new RequestError("bad payload");
-        if (this.memory.regions.length >= VHOST_USER_MAX_RAM_SLOTS) {
-          throw new RequestError(`more than ${VHOST_USER_MAX_RAM_SLOTS} memory regions`);
-        }
-        this.memory.add(p.value, this.#takeFd(msg));
-        this.#rebuildQueues();
-        return false;
-      }
-      case R.REM_MEM_REG: {
-        if (p.kind !== "memRegion") throw new RequestError("bad payload");
-        const { guestAddr, size } = p.value;
-        // Check first: a rejected request must leave the rings as they were.
-        if (!this.memory.regions.some((r) => r.gpa === guestAddr && r.size === size)) {
-          throw new RequestError(`no region at guest address 0x${guestAddr.toString(16)}`);
-        }
-        const inUse = this.vrings.some((v) => v.queue !== null && this.#ringInRegion(v, p.value));
-        if (inUse) this.#deactivateAll();
-        this.memory.remove(guestAddr, size);
-        this.#rebuildQueues();
-        return false;
-      }
-      case R.SET_LOG_BASE: {
-        if (p.kind !== "log") throw new RequestError("bad payload");
-        const fd = this.#takeFd(msg);
-        try {
-          checkBacked(fd, p.value.mmapOffset, p.value.mmapSize, "dirty log");
-          this.memory.setLog(mapShared(fd, p.value.mmapSize, p.value.mmapOffset));
-        } finally {
-          close(fd);
-        }
-        this.memory.setLogging((this.#ackedFeatures & LOG_ALL_MASK) !== 0n);
-        log.info(`vhost-user: dirty log installed (${p.value.mmapSize} bytes)`);
-        this.#replyU64(msg.request, 0);
-        return true;
-      }
-      case R.SET_LOG_FD:
-        // Only signalled with LOG_SHMFD-less logging we do not offer; keep nothing.
-        return false;
-      case R.SET_VRING_NUM: {
-        const { index, num } = vringState(p);
-        const v = this.#vring(index);
-        if (num === 0 || num > this.device.maxQueueSize || (num & (num - 1)) !== 0) {
-          throw new RequestError(
-            `vring ${index}: size ${num} is not a power of 2 <= ${this.device.maxQueueSize}`,
-          );
-        }
-        v.num = num;
-        return false;
-      }
-      case R.SET_VRING_ADDR: {
-        if (p.kind !== "vringAddr") throw new RequestError("bad payload");
-        const a = p.value;
-        const v = this.#vring(a.index);
-        v.descUser = a.descUser;
-        v.availUser = a.availUser;
-        v.usedUser = a.usedUser;
-        v.addrFlags = a.flags;
-        v.logGuestAddr = a.logGuestAddr;
-        v.hasAddr = true;
-        this.device.queueConfigured?.(v.index);
-        if (v.stoppedAddr !== null && v.stoppedAddr !== v.addrKey()) {
-          this.#driverResetSuspected = true;
-        }
-        if (v.started) this.#rebuildQueue(v);
-        return false;
-      }
-      case R.SET_VRING_BASE: {
-        const { index, num } = vringState(p);
-        const v = this.#vring(index);
-        v.base = num & 0xffff;
-        if (v.stoppedAt !== null && v.stoppedAt !== v.base) this.#driverResetSuspected = true;
-        if (v.queue !== null) v.queue.lastAvail = v.base;
-        return false;
-      }
-      case R.GET_VRING_BASE: {
-        const { index } = vringState(p);
-        const v = this.#vring(index);
-        const base = this.#stopRing(v);
-        this.#send(encodeVringStateReply(msg.request, { index, num: base }));
-        return true;
-      }
-      case R.SET_VRING_KICK: {
-        if (p.kind !== "vringFd") throw new RequestError("bad payload");
-        const v = this.#vring(p.value.index);
-        // Take the new fd first: a rejected request must leave the ring as it was.
-        const fd = p.value.noFd ? -1 : this.#takeFd(msg);
-        if (v.kickFd >= 0) {
-          this.reactor.removeFd(v.kickFd);
-          close(v.kickFd);
-          v.kickFd = -1;
-        }
-        if (fd >= 0) {
-          v.kickFd = fd;
-          // Edge-triggered: every write to the eventfd is an edge, so the counter need not be
-          // read back (one system call less per kick; it cannot reach 2^64 - 1).
-          this.reactor.addFd(fd, EPOLLIN | EPOLLET, () => this.#onKick(v));
-        } else {
-          log.warn(
-            `vhost-user: vring ${v.index}: no kick fd (polling mode); processing on other events only`,
-          );
-        }
-        this.#startRing(v);
-        return false;
-      }
-      case R.SET_VRING_CALL: {
-        if (p.kind !== "vringFd") throw new RequestError("bad payload");
-        const v = this.#vring(p.value.index);
-        v.setCallFd(p.value.noFd ? -1 : this.#takeFd(msg));
-        return false;
-      }
-      case R.SET_VRING_ERR: {
-        if (p.kind !== "vringFd") throw new RequestError("bad payload");
-        const v = this.#vring(p.value.index);
-        v.setErrFd(p.value.noFd ? -1 : this.#takeFd(msg));
-        return false;
-      }
-      case R.SET_VRING_ENABLE: {
-        const { index, num } = vringState(p);
-        const v = this.#vring(index);
-        if ((this.#ackedFeatures & PROTOCOL_FEATURES_MASK) === 0n && this.#featuresSet) {
-          log.warn(`vhost-user: SET_VRING_ENABLE without VHOST_USER_F_PROTOCOL_FEATURES acked`);
-        }
-        v.enabled = num !== 0;
-        this.#updateActive(v);
-        return false;
-      }
-      case R.VRING_KICK: {
-        const { index } = vringState(p);
-        const v = this.#vring(index);
-        if (v.active) this.device.queueKicked(v.index);
-        else v.pendingKicks++;
-        return false;
-      }
-      case R.GET_CONFIG: {
-        if (p.kind !== "config") throw new RequestError("bad payload");
-        const data = this.device.readConfig(p.value.offset, p.value.size);
-        if (data === null) {
-          log.warn(`vhost-user: GET_CONFIG offset=${p.value.offset} size=${p.value.size} refused`);
-        }
-        this.#send(encodeConfigReply(
-          data === null
-            ? null
-            : { offset: p.value.offset, size: data.length, flags: p.value.flags, payload: data },
-        ));
-        return true;
-      }
-      case R.SET_CONFIG:
-        throw new RequestError("the vsock config space is read-only");
-      case R.SET_STATUS: {
-        if (p.kind !== "status") throw new RequestError("bad payload");
-        this.#status = p.value;
-        return false;
-      }
-      case R.GET_STATUS:
-        this.#replyU64(msg.request, this.#status);
-        return true;
-      case R.SET_BACKEND_REQ_FD:
-        // We never send back-end requests; the fd is closed by #dispatch.
-        return false;
-      case R.SET_DEVICE_STATE_FD: {
-        if (p.kind !== "deviceState") throw new RequestError("bad payload");
-        if ((this.#ackedProtocol & PF.DEVICE_STATE) === 0n) {
-          throw new RequestError("DEVICE_STATE was not negotiated");
-        }
-        const r = this.#stateChannel.begin(
-          p.value.direction,
-          p.value.phase,
-          this.#takeFd(msg),
-          this.#allStopped(),
-        );
-        this.#replyU64(msg.request, r);
-        return true;
-      }
-      case R.CHECK_DEVICE_STATE: {
-        const r = this.#stateChannel.check();
-        this.#replyU64(msg.request, r);
-        return true;
-      }
-      default:
-        throw new RequestError(`request ${name(msg.request)} is not supported`);
-    }
-  }
-
-  #setFeatures(f: bigint): void {
-    const unknown = f & ~this.offeredFeatures;
-    if (unknown !== 0n) {
-      throw new RequestError(
-        `front end acked features we did not offer: 0x${unknown.toString(16)}`,
-      );
-    }
-    const eventIdxChanged = ((f ^ this.#ackedFeatures) & VIRTIO_RING_F_EVENT_IDX_MASK) !== 0n;
-    this.#ackedFeatures = f;
-    this.#featuresSet = true;
-    this.memory.setLogging((f & LOG_ALL_MASK) !== 0n);
-    if ((f & PROTOCOL_FEATURES_MASK) === 0n) {
-      // "If VHOST_USER_F_PROTOCOL_FEATURES has not been negotiated, the ring starts directly
-      // in the enabled state."
-      for (const v of this.vrings) v.enabled = true;
-    }
-    this.device.setFeatures(f & ~(PROTOCOL_FEATURES_MASK | LOG_ALL_MASK));
-    if (eventIdxChanged) this.#rebuildQueues();
-  }
-
-  #setMemTable(msg: RawMessage, p: Payload): void {
-    if (p.kind !== "memTable") throw new RequestError("bad payload");
-    const regions = p.value.regions;
-    if (msg.fds.length !== regions.length) {
-      throw new RequestError(`${regions.length} regions but ${msg.fds.length} fds`);
-    }
-    const wasActive = this.vrings.filter((v) => v.active);
-    this.#deactivateAll();
-    this.memory.clear();
-    for (let i = 0; i < regions.length; i++) this.memory.add(regions[i], this.#takeFd(msg, i));
-    log.info(
-      `vhost-user: memory table: ${
-        regions.map((r) => `[0x${r.guestAddr.toString(16)} +${r.size}]`).join(" ")
-      }`,
-    );
-    this.#rebuildQueues();
-    if (wasActive.length) log.debug(`vhost-user: ${wasActive.length} rings re-mapped`);
-  }
-
-  #ringInRegion(v: Vring, r: { userAddr: number; size: number }): boolean {
-    return [v.descUser, v.availUser, v.usedUser].some((a) =>
-      a >= r.userAddr && a < r.userAddr + r.size
-    );
-  }
-
   #startRing(v: Vring): void {
-    if (this.#driverResetSuspected) {
+    if (this.#session.driverResetSuspected) {
       // Ring addresses or bases changed across a stop: the driver re-initialized the
       // device (rmmod/insmod, reboot). Its connections are gone; reset ours to match.
-      this.#driverResetSuspected = false;
+      this.#session.driverResetSuspected = false;
       log.info("vhost-user: rings restarted with new addresses/bases: driver reset");
       this.#deactivateAll();
       this.device.reset("driver-reset");
@@ -615,7 +374,7 @@ export class VhostUserBackend {
       }
     }
     v.started = true;
-    if ((this.#ackedFeatures & PROTOCOL_FEATURES_MASK) === 0n) v.enabled = true;
+    if ((this.#session.ackedFeatures & PROTOCOL_FEATURES_MASK) === 0n) v.enabled = true;
     this.#rebuildQueue(v);
   }
 
@@ -656,10 +415,11 @@ export class VhostUserBackend {
     this.#deactivate(v);
     v.queue = null;
     if (!v.hasAddr || v.num === 0 || this.memory.regions.length === 0) return;
-    const f = this.#ackedFeatures;
-    const desc = this.memory.vaToGpa(v.descUser, 16 * v.num);
-    const avail = this.memory.vaToGpa(v.availUser, 6 + 2 * v.num);
-    const used = this.memory.vaToGpa(v.usedUser, 6 + 8 * v.num);
+    const f = this.#session.ackedFeatures;
+    // The sizes with the EVENT_IDX fields, whether negotiated or not.
+    const desc = this.memory.vaToGpa(v.descUser, descTableSize(v.num));
+    const avail = this.memory.vaToGpa(v.availUser, availRingSize(v.num, true));
+    const used = this.memory.vaToGpa(v.usedUser, usedRingSize(v.num, true));
     if (desc === null || avail === null || used === null) {
       log.warn(`vhost-user: vring ${v.index}: ring addresses are not in mapped memory`);
       return;
@@ -695,7 +455,8 @@ export class VhostUserBackend {
       }
       this.device.queueActive({ index: v.index, queue: v.queue!, notifier: v });
       // Process whatever the driver queued before we were ready: kicks that came
-      // early (seed 003) and host work that waited for the ring (seed 000).
+      // early ("never drop a kick") and host work that waited for the ring ("kick after
+      // start").
       v.pendingKicks = 0;
       this.device.queueKicked(v.index);
     } else if (!want && v.active) {
@@ -717,19 +478,19 @@ export class VhostUserBackend {
     log.info(`vhost-user: ${why}: resetting the device`);
     this.#resetRings();
     this.device.reset("reset-device");
-    this.#ackedFeatures = 0n;
-    this.#featuresSet = false;
-    this.#status = 0;
+    this.#session.ackedFeatures = 0n;
+    this.#session.featuresSet = false;
+    this.#session.status = 0;
   }
 
   /** For tests and logs: a snapshot of the protocol state. */
   describe(): Record<string, unknown> {
     return {
       connected: this.connected,
-      owner: this.#owner,
-      features: this.#ackedFeatures,
-      protocolFeatures: this.#ackedProtocol,
-      status: this.#status,
+      owner: this.#session.owner,
+      features: this.#session.ackedFeatures,
+      protocolFeatures: this.#session.ackedProtocol,
+      status: this.#session.status,
       vrings: this.vrings.map((v) => ({
         index: v.index,
         started: v.started,
@@ -738,18 +499,4 @@ export class VhostUserBackend {
       })),
     };
   }
-}
-
-function name(id: number): string {
-  return requestName(id);
-}
-
-function u64(p: Payload): bigint {
-  if (p.kind !== "u64") throw new RequestError("bad payload");
-  return p.value;
-}
-
-function vringState(p: Payload): { index: number; num: number } {
-  if (p.kind !== "vringState") throw new RequestError("bad payload");
-  return p.value;
 }

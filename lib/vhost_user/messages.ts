@@ -758,14 +758,18 @@ export function encodeMessage(
   return out;
 }
 
+/** The header flags of a front-end request: VERSION, and NEED_REPLY when `needReply`. */
+export function requestFlags(needReply = false): number {
+  return VHOST_USER_VERSION | (needReply ? VHOST_USER_NEED_REPLY_MASK : 0);
+}
+
 /** A front-end request; `needReply` sets NEED_REPLY (only meaningful with REPLY_ACK). */
 export function encodeRequest(
   request: number,
   payload: Uint8Array = EMPTY,
   needReply = false,
 ): Uint8Array {
-  const flags = VHOST_USER_VERSION | (needReply ? VHOST_USER_NEED_REPLY_MASK : 0);
-  return encodeMessage(request, flags, payload);
+  return encodeMessage(request, requestFlags(needReply), payload);
 }
 
 /** A back-end reply to `request`: VERSION | REPLY. */

@@ -11,8 +11,11 @@
  * GET_FEATURES announces GET/SET_PROTOCOL_FEATURES, whose u64 carries the
  * `VhostUserProtocolFeature` bits below.
  *
- * This module holds numbers only; `messages.ts` encodes and decodes the payloads.
+ * This module holds numbers (and the spec's reply column) only; `messages.ts` encodes and
+ * decodes the payloads.
  */
+
+import { featureMask } from "../virtio/features.ts";
 
 /** Front-end request ids (`VHOST_USER_*` in the spec's "Front-end message types"). */
 export const VhostUserRequest = {
@@ -107,11 +110,6 @@ export const VhostUserProtocolFeature = {
 export type VhostUserProtocolFeature =
   typeof VhostUserProtocolFeature[keyof typeof VhostUserProtocolFeature];
 
-/** The 64-bit mask of one feature bit number (virtio or protocol feature). */
-export function featureMask(bit: number): bigint {
-  return 1n << BigInt(bit);
-}
-
 /** Protocol feature masks, `1n << VhostUserProtocolFeature.X`, for the u64 of GET/SET. */
 export const VhostUserProtocolFeatureMask = Object.freeze(
   Object.fromEntries(
@@ -123,6 +121,12 @@ export const VhostUserProtocolFeatureMask = Object.freeze(
 export const VHOST_USER_F_PROTOCOL_FEATURES = 30;
 /** Virtio feature bit 26 (vhost): the front end wants dirty-page logging. */
 export const VHOST_F_LOG_ALL = 26;
+/** The mask of `VHOST_USER_F_PROTOCOL_FEATURES` in a virtio feature word. */
+export const VHOST_USER_F_PROTOCOL_FEATURES_MASK: bigint = featureMask(
+  VHOST_USER_F_PROTOCOL_FEATURES,
+);
+/** The mask of `VHOST_F_LOG_ALL` in a virtio feature word. */
+export const VHOST_F_LOG_ALL_MASK: bigint = featureMask(VHOST_F_LOG_ALL);
 
 // --- header --------------------------------------------------------------------------------
 
@@ -191,6 +195,36 @@ export const VHOST_TRANSFER_STATE_PHASE_STOPPED = 0;
 export const VHOST_USER_DEVICE_STATE_ERROR_MASK = 0xff;
 /** SET_DEVICE_STATE_FD reply u64: bit 8 set means the back end returns no fd of its own. */
 export const VHOST_USER_DEVICE_STATE_NOFD_MASK = 0x1 << 8;
+
+// --- replies ----------------------------------------------------------------------------------
+
+/**
+ * The spec's reply column: requests the back end answers whatever was negotiated, and what
+ * their reply carries. "data": the value asked for (a failure cannot be expressed in it);
+ * "result": a reply that can report failure in its own shape (GET_CONFIG's empty payload,
+ * SET_DEVICE_STATE_FD's error bits, CHECK_DEVICE_STATE's u64). SET_LOG_BASE is answered only
+ * with LOG_SHMFD, and any other request only with NEED_REPLY under REPLY_ACK.
+ */
+const ALWAYS_REPLIED: ReadonlyMap<number, "data" | "result"> = new Map([
+  [VhostUserRequest.GET_FEATURES, "data"],
+  [VhostUserRequest.GET_PROTOCOL_FEATURES, "data"],
+  [VhostUserRequest.GET_VRING_BASE, "data"],
+  [VhostUserRequest.GET_CONFIG, "result"],
+  [VhostUserRequest.GET_QUEUE_NUM, "data"],
+  [VhostUserRequest.GET_MAX_MEM_SLOTS, "data"],
+  [VhostUserRequest.GET_STATUS, "data"],
+  [VhostUserRequest.GET_INFLIGHT_FD, "data"],
+  [VhostUserRequest.SET_DEVICE_STATE_FD, "result"],
+  [VhostUserRequest.CHECK_DEVICE_STATE, "result"],
+]);
+
+/** Requests the back end always answers (the spec's "reply" column). */
+export const ALWAYS_REPLIED_REQUESTS: ReadonlySet<number> = new Set(ALWAYS_REPLIED.keys());
+
+/** Requests whose reply carries data (not a status): a failure cannot be answered. */
+export const DATA_REPLY_REQUESTS: ReadonlySet<number> = new Set(
+  [...ALWAYS_REPLIED].filter(([, kind]) => kind === "data").map(([id]) => id),
+);
 
 // --- names for logs ----------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@
  * *active*: started, enabled, and translated into a valid `SplitQueue`.
  *
  * A kick that arrives while the ring is not active is not lost: activation
- * always processes the ring as if it had been kicked (seed 003).
+ * always processes the ring as if it had been kicked ("never drop a kick").
  */
 import { close, eventFdWrite } from "../../ffi/mod.ts";
 import type { SplitQueue } from "../virtio/split_queue.ts";

@@ -8,7 +8,6 @@ import assert from "node:assert/strict";
 import fc from "fast-check";
 import {
   backendRequestName,
-  featureMask,
   isKnownRequest,
   requestName,
   VHOST_MEMORY_BASELINE_NREGIONS,
@@ -23,6 +22,7 @@ import {
   VhostUserProtocolFeatureMask,
   VhostUserRequest,
 } from "../../lib/vhost_user/protocol.ts";
+import { featureMask } from "../../lib/virtio/features.ts";
 import {
   CodecError,
   decodeConfig,

@@ -50,7 +50,12 @@ export class HostListener {
   /** pending handshakes by fd, oldest first (a Map iterates in insertion order) */
   readonly #handshakes = new Map<number, Handshake>();
   readonly #buf = new Uint8Array(HANDSHAKE_READ);
-  readonly #dropLog = new LogLimiter("vsock: host clients dropped in the handshake", 10, 5000, "info");
+  readonly #dropLog = new LogLimiter(
+    "vsock: host clients dropped in the handshake",
+    10,
+    5000,
+    "info",
+  );
   readonly #evictLog = new LogLimiter("vsock: pending host handshakes evicted", 1, 5000);
   /** evictions since the last eviction log line */
   #evicted = 0;

@@ -11,7 +11,9 @@ Deno.test({
   sanitizeResources: false,
   fn: async () => {
     const env = Deno.env.get("FUZZ_SEED");
-    const seed = env !== undefined ? Number(env) >>> 0 : crypto.getRandomValues(new Uint32Array(1))[0];
+    const seed = env !== undefined
+      ? Number(env) >>> 0
+      : crypto.getRandomValues(new Uint32Array(1))[0];
     const durationMs = Number(Deno.env.get("FUZZ_MS") ?? 4000);
     await fuzzHostApps({ seed, durationMs, log: (s) => console.log(s) });
   },

@@ -31,6 +31,8 @@ import {
   writeAll,
 } from "../../lib/testing/mod.ts";
 import { VhostUserRequest as R } from "../../lib/vhost_user/protocol.ts";
+import { procRssBytes } from "../bench/proc_stats.ts";
+import { mulberry32 } from "./prng.ts";
 
 /** Options of `fuzzHostApps`. */
 export interface FuzzHostAppsOptions {
@@ -78,18 +80,6 @@ const FRESH_CONNECT_EVERY = 10;
 const CONNECT_RETRIES = 400;
 /** How long a step waits for the back end to close a socket it should close. */
 const SETTLE_MS = 1500;
-
-/** mulberry32: a small seeded PRNG, enough to replay a run. */
-export function mulberry32(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 const enc = new TextEncoder();
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
@@ -278,17 +268,11 @@ const STEPS: Record<string, Step> = {
 
 const STEP_NAMES = Object.keys(STEPS);
 
-/** Counts the open fds of `pid`. */
-function fdCount(pid: number): number {
+/** Counts the open fds of process `pid`. */
+export function fdCount(pid: number): number {
   let n = 0;
   for (const _ of Deno.readDirSync(`/proc/${pid}/fd`)) n++;
   return n;
-}
-
-/** VmRSS of `pid` in bytes. */
-function rss(pid: number): number {
-  const m = /^VmRSS:\s+(\d+) kB$/m.exec(Deno.readTextFileSync(`/proc/${pid}/status`));
-  return m === null ? 0 : Number(m[1]) * 1024;
 }
 
 function lineCount(s: string): number {
@@ -375,7 +359,7 @@ export async function fuzzHostApps(opts: FuzzHostAppsOptions): Promise<FuzzHostA
     echo = new EchoCheck(h.conn, g);
     await echo.round(4096);
     const fdBase = fdCount(pid);
-    const rssBase = rss(pid);
+    const rssBase = procRssBytes(pid);
     const logBase = lineCount(vm.backend.stderr());
     const t0 = performance.now();
 
@@ -395,7 +379,7 @@ export async function fuzzHostApps(opts: FuzzHostAppsOptions): Promise<FuzzHostA
         }
         await sleep(20);
       }
-      const grown = rss(pid) - rssBase;
+      const grown = procRssBytes(pid) - rssBase;
       assert.ok(grown <= RSS_MARGIN, `back end RSS grew by ${grown >> 20} MiB`);
       const lines = lineCount(vm.backend.stderr()) - logBase;
       const allowed = LOG_BURST + LOG_PER_SEC * (performance.now() - t0) / 1000 +

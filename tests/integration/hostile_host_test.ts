@@ -16,22 +16,16 @@ import {
   readExactly,
   repoRoot,
   startVm,
+  type StartVmOptions,
   type VmHandle,
   writeAll,
 } from "../../lib/testing/mod.ts";
 import { MAX_PENDING_HANDSHAKES } from "../../lib/vsock/host_listener.ts";
 import { DEFAULT_MAX_CONNECTIONS } from "../../lib/config.ts";
+import { procCpuSeconds } from "../bench/proc_stats.ts";
+import { fdCount } from "../fuzz/host_apps.ts";
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
-/** Back-end CPU time (user + system, all threads) in seconds, from /proc/<pid>/stat. */
-function cpuSeconds(pid: number): number {
-  const stat = Deno.readTextFileSync(`/proc/${pid}/stat`);
-  // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
-  const f = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
-  const ticksPerSec = 100; // USER_HZ on Linux
-  return (Number(f[11]) + Number(f[12])) / ticksPerSec;
-}
 
 function logLines(vm: VmHandle, re: RegExp): string[] {
   return vm.backend.stderr().split("\n").filter((l) => re.test(l));
@@ -64,10 +58,9 @@ async function idleClients(vm: VmHandle, n: number): Promise<Deno.UnixConn[]> {
 
 /** Waits until the back end's fd count has not changed for 300 ms (it accepted what it will). */
 async function acceptedAll(pid: number): Promise<void> {
-  const count = () => [...Deno.readDirSync(`/proc/${pid}/fd`)].length;
   let last = -1;
   for (let stable = 0, i = 0; stable < 3 && i < 100; i++) {
-    const n = count();
+    const n = fdCount(pid);
     stable = n === last ? stable + 1 : 0;
     last = n;
     await sleep(100);
@@ -104,6 +97,29 @@ async function connectWorks(vm: VmHandle, port: number, what: string): Promise<v
   }
 }
 
+/**
+ * Runs `fn` against a fresh VM with a list for the idle clients it opens; closes them and
+ * stops the VM afterwards. Failures quote the back end's last log lines.
+ */
+async function withVm(
+  opts: StartVmOptions,
+  fn: (vm: VmHandle, idle: Deno.UnixConn[]) => Promise<void>,
+): Promise<void> {
+  const vm = await startVm(opts);
+  const idle: Deno.UnixConn[] = [];
+  try {
+    await fn(vm, idle);
+  } catch (e) {
+    const tail = vm.backend.stderr().split("\n").slice(-20).join("\n");
+    throw new Error(`${e instanceof Error ? e.message : e}\nback end stderr:\n${tail}`, {
+      cause: e,
+    });
+  } finally {
+    closeAll(idle);
+    await vm.stop();
+  }
+}
+
 Deno.test({
   name: "out of fds: accept() failing with EMFILE backs off (no spin, few log lines), then works",
   sanitizeResources: false,
@@ -111,39 +127,25 @@ Deno.test({
     // The back end idles at about 40 fds with a VM attached; 64 leaves room for ~20 clients.
     const command = `prlimit --nofile=64:64 ${Deno.execPath()} run -A ${repoRoot()}/main.ts ` +
       "--guest-cid {cid} --socket {socket} --uds-path {uds} --log-level info";
-    const vm = await startVm({
-      profile: "qemu",
-      // Idle clients must not time out while the shortage is measured.
-      backend: { command, extraArgs: ["--connect-timeout-ms", "60000"] },
-    });
-    let idle: Deno.UnixConn[] = [];
-    try {
-      idle = await idleClients(vm, 80); // more than the free fds, fewer than fds + backlog
+    // Idle clients must not time out while the shortage is measured.
+    const backend = { command, extraArgs: ["--connect-timeout-ms", "60000"] };
+    await withVm({ profile: "qemu", backend }, async (vm, idle) => {
+      // more than the free fds, fewer than fds + listen backlog
+      idle.push(...await idleClients(vm, 80));
       await waitForLog(vm, /accept.*failed/, 5000);
-      const before = cpuSeconds(vm.backend.pid);
+      const before = procCpuSeconds(vm.backend.pid);
       const linesBefore = vm.backend.stderr().split("\n").length;
       await sleep(1000);
-      const cpu = cpuSeconds(vm.backend.pid) - before;
+      const cpu = procCpuSeconds(vm.backend.pid) - before;
       const lines = vm.backend.stderr().split("\n").length - linesBefore;
       assert.ok(cpu < 0.3, `back end used ${cpu.toFixed(2)} s of CPU in 1 s while out of fds`);
       assert.ok(lines <= 3, `back end logged ${lines} lines in 1 s while out of fds`);
-      assert.ok(
-        logLines(vm, /accept.*failed/).length <= 3,
-        `accept failures logged ${logLines(vm, /accept.*failed/).length} times`,
-      );
+      const failures = logLines(vm, /accept.*failed/).length;
+      assert.ok(failures <= 3, `accept failures logged ${failures} times`);
       // The idle clients go away: fds are free again, and a CONNECT is served.
-      closeAll(idle);
-      idle = [];
+      closeAll(idle.splice(0));
       await connectWorks(vm, 7000, "after the fd shortage");
-    } catch (e) {
-      const tail = vm.backend.stderr().split("\n").slice(-20).join("\n");
-      throw new Error(`${e instanceof Error ? e.message : e}\nback end stderr:\n${tail}`, {
-        cause: e,
-      });
-    } finally {
-      closeAll(idle);
-      await vm.stop();
-    }
+    });
   },
 });
 
@@ -151,39 +153,25 @@ Deno.test({
   name: "pending handshakes full: the oldest idle client is evicted, a well-formed CONNECT works",
   sanitizeResources: false,
   fn: async () => {
-    const vm = await startVm({
-      profile: "qemu",
-      backend: { extraArgs: ["--connect-timeout-ms", "60000"] },
-    });
-    let idle: Deno.UnixConn[] = [];
-    try {
+    const backend = { extraArgs: ["--connect-timeout-ms", "60000"] };
+    await withVm({ profile: "qemu", backend }, async (vm, idle) => {
       // More than the bound, and more than the connection limit (the old, shared bound).
       const n = Math.max(MAX_PENDING_HANDSHAKES, DEFAULT_MAX_CONNECTIONS) + 64;
-      idle = await idleClients(vm, n);
+      idle.push(...await idleClients(vm, n));
       await acceptedAll(vm.backend.pid);
       // The table is full of idle clients: a well-formed CONNECT still gets through, twice.
       await connectWorks(vm, 7100, "with the handshake table full of idle clients");
-      const more = await idleClients(vm, MAX_PENDING_HANDSHAKES);
-      idle.push(...more);
+      idle.push(...await idleClients(vm, MAX_PENDING_HANDSHAKES));
       await connectWorks(vm, 7101, "after another flood of idle clients");
       // The first idle client was evicted: the back end closed its socket.
-      const buf = new Uint8Array(16);
       const r = await Promise.race([
-        idle[0].read(buf).catch(() => null),
+        idle[0].read(new Uint8Array(16)).catch(() => null),
         sleep(2000).then(() => "open" as const),
       ]);
       assert.equal(r, null, "the oldest idle client was closed by the back end");
       // Eviction is logged once per burst, not once per client.
       const evictLines = logLines(vm, /closing the oldest/).length;
       assert.ok(evictLines <= 2, `eviction logged ${evictLines} times`);
-    } catch (e) {
-      const tail = vm.backend.stderr().split("\n").slice(-20).join("\n");
-      throw new Error(`${e instanceof Error ? e.message : e}\nback end stderr:\n${tail}`, {
-        cause: e,
-      });
-    } finally {
-      closeAll(idle);
-      await vm.stop();
-    }
+    });
   },
 });

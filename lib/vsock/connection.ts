@@ -39,8 +39,8 @@ import {
   EPOLLIN,
   EPOLLOUT,
   EPOLLRDHUP,
-  POLLHUP,
   pollFds,
+  POLLHUP,
   readvRaw,
   SHUT_WR,
   shutdownRaw,
@@ -115,6 +115,10 @@ export interface ConnectionContext {
   forget(c: VsockConnection): void;
   /** the guest accepted a host connect on `port` (it keeps that listener across a reset) */
   guestAccepted(port: number): void;
+  /** a connection's life-cycle line (info, rate-limited: host apps and guests set the pace) */
+  logEvent(msg: string): void;
+  /** a peer misbehaved (warn, rate-limited) */
+  logFault(msg: string): void;
 }
 
 export class VsockConnection {
@@ -228,7 +232,9 @@ export class VsockConnection {
         break;
       case VIRTIO_VSOCK_OP_REQUEST:
         // A REQUEST for a connection that exists: the guest lost track of it.
-        log.warn(`vsock: REQUEST for an existing connection (${this.describe()}); resetting it`);
+        this.ctx.logFault(
+          `vsock: REQUEST for an existing connection (${this.describe()}); resetting it`,
+        );
         this.reset();
         return;
     }
@@ -242,7 +248,7 @@ export class VsockConnection {
 
   #guestAccepted(): void {
     if (this.state !== ConnState.CONNECTING) {
-      log.warn(`vsock: unexpected RESPONSE on ${this.describe()}; resetting`);
+      this.ctx.logFault(`vsock: unexpected RESPONSE on ${this.describe()}; resetting`);
       this.reset();
       return;
     }
@@ -252,13 +258,13 @@ export class VsockConnection {
     const ok = new TextEncoder().encode(formatOkLine(this.localPort));
     const n = writeRaw(this.hostFd, ok);
     if (n !== ok.length) {
-      log.info(`vsock: host app of ${this.describe()} went away before OK; resetting`);
+      this.ctx.logEvent(`vsock: host app of ${this.describe()} went away before OK; resetting`);
       this.reset();
       return;
     }
     this.watchHost();
     this.ctx.guestAccepted(this.peerPort);
-    log.info(`vsock: established ${this.describe()}`);
+    this.ctx.logEvent(`vsock: established ${this.describe()}`);
     if (this.hasRxWork()) this.ctx.scheduleRx(this);
   }
 
@@ -268,12 +274,12 @@ export class VsockConnection {
       this.state !== ConnState.ESTABLISHED || this.hostFd < 0 ||
       (this.guestShutdown & VIRTIO_VSOCK_SHUTDOWN_F_SEND) !== 0
     ) {
-      log.warn(`vsock: data on ${this.describe()} in the wrong state; resetting`);
+      this.ctx.logFault(`vsock: data on ${this.describe()} in the wrong state; resetting`);
       this.reset();
       return;
     }
     if (!this.credit.onReceived(len)) {
-      log.warn(`vsock: guest exceeded our credit on ${this.describe()}; resetting`);
+      this.ctx.logFault(`vsock: guest exceeded our credit on ${this.describe()}; resetting`);
       this.reset();
       return;
     }
@@ -304,7 +310,7 @@ export class VsockConnection {
    */
   wroteToHost(n: number, len: number): Uint8Array | null {
     if (n < 0 && n !== -EAGAIN) {
-      log.info(`vsock: host app of ${this.describe()} closed (errno ${-n}); resetting`);
+      this.ctx.logEvent(`vsock: host app of ${this.describe()} closed (errno ${-n}); resetting`);
       this.reset();
       return null;
     }
@@ -318,7 +324,7 @@ export class VsockConnection {
   #queueToHost(n: number): Uint8Array | null {
     const dst = this.toHost.reserve(n);
     if (dst === null) {
-      log.warn(`vsock: guest->host buffer overflow on ${this.describe()}; resetting`);
+      this.ctx.logFault(`vsock: guest->host buffer overflow on ${this.describe()}; resetting`);
       this.reset();
     }
     return dst;
@@ -340,7 +346,7 @@ export class VsockConnection {
       const n = writeRaw(this.hostFd, data, data.length);
       if (n === -EAGAIN) return;
       if (n < 0) {
-        log.info(`vsock: host app of ${this.describe()} closed (errno ${-n}); resetting`);
+        this.ctx.logEvent(`vsock: host app of ${this.describe()} closed (errno ${-n}); resetting`);
         this.reset();
         return;
       }
@@ -370,7 +376,7 @@ export class VsockConnection {
         this.timer?.cancel();
         this.timer = this.ctx.reactor.setTimer(CLOSE_DRAIN_TIMEOUT_MS, () => {
           this.timer = null;
-          log.warn(
+          this.ctx.logFault(
             `vsock: host app of ${this.describe()} did not take ${this.toHost.length} bytes ` +
               `within ${CLOSE_DRAIN_TIMEOUT_MS} ms of the guest closing; resetting`,
           );
@@ -439,7 +445,7 @@ export class VsockConnection {
     this.pending |= Pending.REQUEST;
     this.timer = this.ctx.reactor.setTimer(ms, () => {
       this.timer = null;
-      log.info(`vsock: guest did not accept ${this.describe()} within ${ms} ms`);
+      this.ctx.logEvent(`vsock: guest did not accept ${this.describe()} within ${ms} ms`);
       this.reset();
     });
     this.ctx.scheduleRx(this);
@@ -551,7 +557,9 @@ export class VsockConnection {
         return -1;
       }
       if (n < 0) {
-        log.info(`vsock: host socket error on ${this.describe()} (errno ${-n}); resetting`);
+        this.ctx.logEvent(
+          `vsock: host socket error on ${this.describe()} (errno ${-n}); resetting`,
+        );
         this.reset();
         return -1;
       }

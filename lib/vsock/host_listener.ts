@@ -65,11 +65,6 @@ export class HostListener {
     readonly path: string,
     readonly onConnect: ConnectHandler,
     readonly timeoutMs: number,
-    /**
-     * Unused: kept so callers that pass the connection limit still compile. Pending
-     * handshakes are bounded by MAX_PENDING_HANDSHAKES, apart from connections.
-     */
-    _maxConnections?: number,
   ) {}
 
   listen(): void {

@@ -20,7 +20,7 @@
  * then sibling packets and connections taking turns.
  */
 import { close, connectUnix, SysError } from "../../ffi/mod.ts";
-import { log } from "../log.ts";
+import { log, LogLimiter } from "../log.ts";
 import type { Reactor } from "../reactor.ts";
 import type { DescChain } from "../virtio/desc_chain.ts";
 import { ConnectionTable } from "./connection_table.ts";
@@ -78,8 +78,10 @@ export class VsockMuxer implements ConnectionContext, SiblingEndpoint {
   #host: HostListener | null = null;
   /** alternates RX turns between sibling packets and host connections */
   #siblingTurn = false;
-  /** malformed packets seen (the first few are logged, then one in a thousand) */
+  /** malformed packets seen */
   #badPackets = 0;
+  readonly #eventLog = new LogLimiter("vsock: connection events", 50, 5000, "info");
+  readonly #faultLog = new LogLimiter("vsock: peer faults", 20, 5000, "warn");
   #nextHostPort = HOST_PORT_FIRST;
   /** guest ports host apps reached (listeners the driver keeps across a transport reset) */
   readonly guestListenerPorts: Set<number> = new Set<number>();
@@ -113,7 +115,6 @@ export class VsockMuxer implements ConnectionContext, SiblingEndpoint {
       this.options.udsPath,
       (fd, port, early) => this.#hostConnect(fd, port, early),
       this.options.connectTimeoutMs,
-      this.options.maxConnections,
     );
     this.#host.listen();
     this.options.hub?.register(this);
@@ -142,6 +143,14 @@ export class VsockMuxer implements ConnectionContext, SiblingEndpoint {
     this.guestListenerPorts.add(port);
   }
 
+  logEvent(msg: string): void {
+    if (this.#eventLog.allow()) log.info(msg);
+  }
+
+  logFault(msg: string): void {
+    if (this.#faultLog.allow()) log.warn(msg);
+  }
+
   // --- guest -> host -------------------------------------------------------------------------
 
   /** Routes one guest packet (a chain with at least a header's worth of readable bytes). */
@@ -160,11 +169,9 @@ export class VsockMuxer implements ConnectionContext, SiblingEndpoint {
     const bad = validateHeader(h, this.options.guestCid, chain.readableLen - VIRTIO_VSOCK_HDR_SIZE);
     if (bad !== null) {
       this.#badPackets++;
-      if (this.#badPackets <= 10 || this.#badPackets % 1000 === 0 || log.debugOn) {
-        log.warn(
-          `vsock: bad packet from guest (${bad}; ${this.#badPackets} so far): ${h.describe()}`,
-        );
-      }
+      this.logFault(
+        `vsock: bad packet from guest (${bad}; ${this.#badPackets} so far): ${h.describe()}`,
+      );
       // A packet that is not from this guest's CID is dropped, as Linux's vhost-vsock does:
       // an RST "from" its destination would end the guest's real connection on those ports.
       if (bad === HeaderError.SRC_CID || bad === HeaderError.SRC_CID_HIGH) return;
@@ -190,7 +197,9 @@ export class VsockMuxer implements ConnectionContext, SiblingEndpoint {
   #guestConnect(h: PacketHeader): void {
     const port = h.dstPort;
     if (this.#conns.size >= this.options.maxConnections) {
-      log.warn(`vsock: connection limit (${this.options.maxConnections}) reached; RST to guest`);
+      this.logFault(
+        `vsock: connection limit (${this.options.maxConnections}) reached; RST to guest`,
+      );
       this.orphanReset(h);
       return;
     }
@@ -200,7 +209,7 @@ export class VsockMuxer implements ConnectionContext, SiblingEndpoint {
       fd = connectUnix(path);
     } catch (e) {
       const code = e instanceof SysError ? e.code : String(e);
-      log.info(`vsock: guest port ${h.srcPort} -> host port ${port}: ${path}: ${code}; RST`);
+      this.logEvent(`vsock: guest port ${h.srcPort} -> host port ${port}: ${path}: ${code}; RST`);
       this.orphanReset(h);
       return;
     }
@@ -218,7 +227,7 @@ export class VsockMuxer implements ConnectionContext, SiblingEndpoint {
     c.watchHost();
     c.pending |= Pending.RESPONSE;
     this.scheduleRx(c);
-    log.info(`vsock: connected ${c.describe()} (${path})`);
+    this.logEvent(`vsock: connected ${c.describe()} (${path})`);
   }
 
   /** Owes the guest an RST answering `h` (a packet that matched no connection). */
@@ -237,7 +246,7 @@ export class VsockMuxer implements ConnectionContext, SiblingEndpoint {
   /** A host app completed `CONNECT <port>`: ask the guest. */
   #hostConnect(fd: number, port: number, early: Uint8Array | null): void {
     if (this.#conns.size >= this.options.maxConnections) {
-      log.warn(
+      this.logFault(
         `vsock: connection limit (${this.options.maxConnections}) reached; host app refused`,
       );
       close(fd);
@@ -256,7 +265,7 @@ export class VsockMuxer implements ConnectionContext, SiblingEndpoint {
     c.fromHost = early;
     this.#add(c);
     c.offerToGuest(this.options.connectTimeoutMs);
-    log.info(`vsock: host app connecting to guest port ${port} (host port ${localPort})`);
+    this.logEvent(`vsock: host app connecting to guest port ${port} (host port ${localPort})`);
   }
 
   #add(c: VsockConnection): void {
@@ -368,7 +377,7 @@ export class VsockMuxer implements ConnectionContext, SiblingEndpoint {
       chain.readInto(payload, VIRTIO_VSOCK_HDR_SIZE);
     }
     if (!to.acceptFromSibling(SiblingHub.packet(h, payload))) {
-      log.warn(`vsock: CID ${h.dstCid} is not taking packets (queue full); RST to the sender`);
+      this.logFault(`vsock: CID ${h.dstCid} is not taking packets (queue full); RST to the sender`);
       if (h.op !== VIRTIO_VSOCK_OP_RST) this.orphanReset(h);
     }
   }

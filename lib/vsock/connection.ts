@@ -72,6 +72,7 @@ import {
 } from "./constants.ts";
 import { Credit } from "./credit.ts";
 import type { PacketHeader } from "./packet.ts";
+import type { RxFlow } from "./rx_scheduler.ts";
 import type { DeviceStats } from "./stats.ts";
 import type { TxGather } from "./tx_gather.ts";
 
@@ -121,7 +122,7 @@ export interface ConnectionContext {
   logFault(msg: string): void;
 }
 
-export class VsockConnection {
+export class VsockConnection implements RxFlow {
   state: ConnState;
   readonly credit: Credit;
   /** guest -> host bytes the host socket has not taken yet */
@@ -147,6 +148,10 @@ export class VsockConnection {
   closeWhenFlushed = false;
   /** queued in the RX scheduler */
   inRxQueue = false;
+  /** RX scheduler: bytes left in this round */
+  deficit = 0;
+  /** RX scheduler: share of the guest's rx queue (`--rx-weight` of the guest port) */
+  weight = 1;
   /** connect timeout (host-initiated) or close-drain timeout */
   timer: Timer | null = null;
   /** for logs and snapshots */
@@ -170,6 +175,11 @@ export class VsockConnection {
   /** The host side is closed (the guest may still be owed an RST). */
   get closed(): boolean {
     return this.state === ConnState.CLOSED;
+  }
+
+  /** Closed and owing nothing: the RX scheduler drops it. */
+  get done(): boolean {
+    return this.state === ConnState.CLOSED && (this.pending & Pending.RST) === 0;
   }
 
   /** Host bytes are owed to the guest and its credit allows some (early bytes or a readable

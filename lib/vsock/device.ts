@@ -305,6 +305,7 @@ export class VsockDevice implements VirtioDevice {
       }
       q.pushUsed(chain.head, len);
       this.#rxSignal = true;
+      this.stats.rxPackets++;
       produced++;
     }
     muxer.scheduler.compact();

@@ -36,7 +36,7 @@ import {
 } from "./constants.ts";
 import { HostListener } from "./host_listener.ts";
 import { HeaderError, HeaderScratch, type PacketHeader, validateHeader } from "./packet.ts";
-import { RxScheduler } from "./rx_scheduler.ts";
+import { type RxFlow, RxScheduler } from "./rx_scheduler.ts";
 import { type SiblingEndpoint, SiblingHub, type SiblingPacket } from "./sibling_hub.ts";
 import { SiblingInbox } from "./sibling_inbox.ts";
 import type { DeviceStats } from "./stats.ts";
@@ -73,11 +73,9 @@ export class VsockMuxer implements ConnectionContext, SiblingEndpoint {
   readonly scratch: HeaderScratch = new HeaderScratch();
   readonly header: PacketHeader = this.scratch.h;
   readonly scheduler: RxScheduler = new RxScheduler();
-  readonly #inbox = new SiblingInbox();
+  readonly #inbox: SiblingInbox;
   readonly #conns = new ConnectionTable();
   #host: HostListener | null = null;
-  /** alternates RX turns between sibling packets and host connections */
-  #siblingTurn = false;
   /** malformed packets seen */
   #badPackets = 0;
   readonly #eventLog = new LogLimiter("vsock: connection events", 50, 5000, "info");
@@ -93,7 +91,14 @@ export class VsockMuxer implements ConnectionContext, SiblingEndpoint {
     readonly stats: DeviceStats,
     /** asks the device to run its rx loop at the end of this reactor batch */
     readonly requestRx: () => void,
-  ) {}
+  ) {
+    this.#inbox = new SiblingInbox(options.guestCid, this.scratch, (f) => this.#scheduleFlow(f));
+  }
+
+  #scheduleFlow(f: RxFlow): void {
+    this.scheduler.schedule(f);
+    this.requestRx();
+  }
 
   get guestCid(): number {
     return this.options.guestCid;
@@ -124,15 +129,13 @@ export class VsockMuxer implements ConnectionContext, SiblingEndpoint {
 
   emit(chain: DescChain): void {
     this.scratch.writeTo(chain);
-    this.stats.rxPackets++;
     if (log.traceOn) {
       log.trace(`vsock: rx ${this.header.describe()} op=${opName(this.header.op)}`);
     }
   }
 
   scheduleRx(c: VsockConnection): void {
-    this.scheduler.schedule(c);
-    this.requestRx();
+    this.#scheduleFlow(c);
   }
 
   forget(c: VsockConnection): void {
@@ -306,57 +309,26 @@ export class VsockMuxer implements ConnectionContext, SiblingEndpoint {
 
   /** Something is owed to the guest. */
   hasRxWork(): boolean {
-    return this.scheduler.orphanCount > 0 || this.scheduler.hasFlows || this.#inbox.hasWork;
-  }
-
-  /** Writes the next packet owed to the guest into `chain`; returns its length or -1. */
-  fillRx(chain: DescChain): number {
-    const orphan = this.scheduler.nextOrphan();
-    if (orphan !== undefined) {
-      const h = this.header;
-      h.reset();
-      h.srcCid = orphan.srcCid;
-      h.dstCid = this.options.guestCid;
-      h.srcPort = orphan.localPort;
-      h.dstPort = orphan.peerPort;
-      h.type = orphan.type;
-      h.op = VIRTIO_VSOCK_OP_RST;
-      this.emit(chain);
-      return VIRTIO_VSOCK_HDR_SIZE;
-    }
-    const siblings = this.#inbox.hasWork;
-    if (siblings && (this.#siblingTurn || !this.scheduler.hasFlows)) {
-      this.#siblingTurn = false;
-      return this.#fillFromSibling(chain);
-    }
-    this.#siblingTurn = siblings;
-    const len = this.#fillFromFlows(chain);
-    if (len >= 0) return len;
-    return siblings ? this.#fillFromSibling(chain) : -1;
+    return this.scheduler.orphanCount > 0 || this.scheduler.hasFlows;
   }
 
   /**
-   * The first queued connection that can use `chain` fills it; the ones that cannot keep
-   * their place. Each connection queued when the buffer came is visited at most once.
+   * Writes the next packet owed to the guest into `chain`: an orphan RST first, else what
+   * the RX scheduler picks. Returns its length or -1 (nothing could go into this buffer).
    */
-  #fillFromFlows(chain: DescChain): number {
-    const sched = this.scheduler;
-    const room = chain.writableLen - VIRTIO_VSOCK_HDR_SIZE;
-    let len = -1;
-    for (let budget = sched.queuedFlows; budget > 0 && len < 0; budget--) {
-      const c = sched.nextFlow()!;
-      if (c.closed && (c.pending & Pending.RST) === 0) continue;
-      if (!c.canSendInto(room)) {
-        sched.passOver(c);
-        continue;
-      }
-      len = c.fillRx(chain);
-      if (!c.closed || (c.pending & Pending.RST) !== 0) {
-        if (c.hasRxWork()) this.scheduleRx(c);
-      }
-    }
-    sched.restorePassedOver();
-    return len;
+  fillRx(chain: DescChain): number {
+    const orphan = this.scheduler.nextOrphan();
+    if (orphan === undefined) return this.scheduler.fill(chain);
+    const h = this.header;
+    h.reset();
+    h.srcCid = orphan.srcCid;
+    h.dstCid = this.options.guestCid;
+    h.srcPort = orphan.localPort;
+    h.dstPort = orphan.peerPort;
+    h.type = orphan.type;
+    h.op = VIRTIO_VSOCK_OP_RST;
+    this.emit(chain);
+    return VIRTIO_VSOCK_HDR_SIZE;
   }
 
   // --- sibling VMs ---------------------------------------------------------------------------
@@ -383,15 +355,7 @@ export class VsockMuxer implements ConnectionContext, SiblingEndpoint {
   }
 
   acceptFromSibling(p: SiblingPacket): boolean {
-    if (!this.#inbox.accept(p)) return false;
-    this.requestRx();
-    return true;
-  }
-
-  #fillFromSibling(chain: DescChain): number {
-    const n = this.#inbox.fill(chain, this.scratch, this.options.guestCid);
-    if (n >= 0) this.stats.rxPackets++;
-    return n;
+    return this.#inbox.accept(p);
   }
 
   // --- life cycle ----------------------------------------------------------------------------

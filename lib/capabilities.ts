@@ -17,12 +17,19 @@ export const VHOST_USER_BACKEND_TYPE = "vsock";
  * - "device-state": snapshot/restore through SET_DEVICE_STATE_FD / CHECK_DEVICE_STATE
  *   (with TRANSPORT_RESET delivery when the front end hands over the event queue);
  * - "dirty-log": LOG_SHMFD + VHOST_F_LOG_ALL dirty-page logging for live migration;
- * - "siblings": VMs of one daemon sharing a group reach each other by CID.
+ * - "siblings": VMs of one daemon sharing a group reach each other by CID;
+ * - "seqpacket": SOCK_SEQPACKET vsock sockets (VIRTIO_VSOCK_F_SEQPACKET);
+ * - "datagrams": SOCK_DGRAM vsock sockets with `--dgram` (VIRTIO_VSOCK_F_DGRAM, bit 3, not in
+ *   the virtio spec);
+ * - "fair-rx": deficit round robin over flows on the guest's rx queue (`--rx-weight`).
  */
 export const VHOST_USER_BACKEND_FEATURES: readonly string[] = [
   "device-state",
   "dirty-log",
   "siblings",
+  "seqpacket",
+  "datagrams",
+  "fair-rx",
 ];
 
 /** The JSON document, pretty-printed with two-space indents, without a trailing newline. */

@@ -74,6 +74,8 @@ export interface DaemonConfig {
   printVersion?: boolean;
   /** `--dgram`: offer VIRTIO_VSOCK_F_DGRAM (feature bit 3); off by default */
   datagrams: boolean;
+  /** `--rx-weight PORT=N` (repeatable): RX scheduler weight of flows toward guest port PORT */
+  rxWeights: Map<number, number>;
   /** how long a host `CONNECT <port>` waits for the guest's answer */
   connectTimeoutMs: number;
   /** open connections per VM before new ones are refused */
@@ -103,6 +105,8 @@ const U32_MAX = 0xffffffff;
 /** Upper bounds for daemon knobs: a timer a day away, and the usual hard RLIMIT_NOFILE. */
 const CONNECT_TIMEOUT_MS_MAX = 86_400_000;
 const MAX_CONNECTIONS_LIMIT = 1 << 20;
+/** Largest `--rx-weight`: a flow may get at most 64 times the default share. */
+const RX_WEIGHT_MAX = 64;
 
 export const DEFAULT_GUEST_CID = 3;
 export const DEFAULT_TX_BUFFER_SIZE = 64 * 1024;
@@ -160,7 +164,10 @@ Several VMs:
 
 Daemon:
   --log-level LEVEL       error, warn, info, debug or trace (default: info)
-  --dgram                 offer datagram sockets (VIRTIO_VSOCK_F_DGRAM) (default: off)
+  --dgram                 offer datagram sockets (VIRTIO_VSOCK_F_DGRAM, feature bit 3; not in
+                          the virtio spec) on <uds-path>.dgram (default: off)
+  --rx-weight PORT=N      share of the guest's rx queue for flows to guest port PORT, N times
+                          the default (1..64; repeatable; default: every flow weighs 1)
   --connect-timeout-ms MS how long a host CONNECT waits for the guest to answer (default: 2000)
   --max-connections N     open connections per VM (default: 1023)
   --print-capabilities    print the vhost-user backend capabilities as JSON and exit
@@ -449,6 +456,7 @@ const OPTIONS = {
   "config": { type: "string" },
   "log-level": { type: "string" },
   "dgram": { type: "boolean" },
+  "rx-weight": { type: "string", multiple: true },
   "connect-timeout-ms": { type: "string" },
   "max-connections": { type: "string" },
   "print-capabilities": { type: "boolean" },
@@ -475,6 +483,7 @@ export function defaultDaemonConfig(): DaemonConfig {
     logLevel: DEFAULT_LOG_LEVEL,
     printCapabilities: false,
     datagrams: false,
+    rxWeights: new Map(),
     connectTimeoutMs: DEFAULT_CONNECT_TIMEOUT_MS,
     maxConnections: DEFAULT_MAX_CONNECTIONS,
   };
@@ -505,7 +514,9 @@ export function parseArgs(argv: string[]): DaemonConfig {
     if (token.kind !== "option") continue;
     const n = (count.get(token.name) ?? 0) + 1;
     count.set(token.name, n);
-    if (n > 1 && token.name !== "vm") fail(`--${token.name}`, "given more than once");
+    if (n > 1 && token.name !== "vm" && token.name !== "rx-weight") {
+      fail(`--${token.name}`, "given more than once");
+    }
   }
   if (values.socket !== undefined && values["socket-path"] !== undefined) {
     fail("--socket-path", "is the same option as --socket; give only one");
@@ -552,6 +563,12 @@ export function parseArgs(argv: string[]): DaemonConfig {
 
   if (values["log-level"] !== undefined) config.logLevel = logLevel(values["log-level"]);
   config.datagrams = values.dgram === true;
+  for (const spec of values["rx-weight"] ?? []) {
+    const eq = spec.indexOf("=");
+    if (eq < 0) fail("--rx-weight", `${show(spec)} is not PORT=N`);
+    const port = decimal(spec.slice(0, eq), "--rx-weight", 0, U32_MAX);
+    config.rxWeights.set(port, decimal(spec.slice(eq + 1), "--rx-weight", 1, RX_WEIGHT_MAX));
+  }
   if (values["connect-timeout-ms"] !== undefined) {
     config.connectTimeoutMs = decimal(
       values["connect-timeout-ms"],
@@ -618,6 +635,5 @@ function nodeParseMessage(e: unknown): string {
   if (code === "ERR_PARSE_ARGS_INVALID_OPTION_VALUE" && message.includes("ambiguous")) {
     return `${message} For a value starting with '-', write --option=VALUE`;
   }
-  if (code === "ERR_PARSE_ARGS_UNKNOWN_OPTION") return `${message} (see --help)`;
-  return message;
+  return message; // the command line adds "(try --help)" once
 }

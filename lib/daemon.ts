@@ -39,6 +39,8 @@ export class Daemon {
         maxConnections: this.config.maxConnections,
         groups: vm.groups,
         hub: this.siblings,
+        datagrams: this.config.datagrams,
+        rxWeights: this.config.rxWeights,
       });
       const backend = new VhostUserBackend(this.reactor, device, {
         socketPath: vm.socket !== "" ? vm.socket : undefined,

@@ -133,6 +133,7 @@ export class VsockDevice implements VirtioDevice {
 
   setFeatures(acked: bigint): void {
     this.#ackedFeatures = acked;
+    this.muxer.dgramAcked = (acked & featureMask(VIRTIO_VSOCK_F_DGRAM)) !== 0n;
   }
 
   readConfig(offset: number, size: number): Uint8Array | null {

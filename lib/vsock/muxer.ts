@@ -41,10 +41,12 @@ import {
   VIRTIO_VSOCK_OP_REQUEST,
   VIRTIO_VSOCK_OP_RST,
   VIRTIO_VSOCK_OP_RW,
+  VIRTIO_VSOCK_TYPE_DGRAM,
   VIRTIO_VSOCK_TYPE_SEQPACKET,
   VIRTIO_VSOCK_TYPE_STREAM,
   VSOCK_HOST_CID,
 } from "./constants.ts";
+import { type DgramContext, DgramEndpoint, type DgramStats } from "./dgram.ts";
 import { HostListener } from "./host_listener.ts";
 import { HeaderError, HeaderScratch, type PacketHeader, validateHeader } from "./packet.ts";
 import { type RxFlow, RxScheduler } from "./rx_scheduler.ts";
@@ -84,7 +86,7 @@ const HOST_PORT_FIRST = 1 << 30;
 /** End (exclusive) of that range. */
 const HOST_PORT_END = 2 ** 31;
 
-export class VsockMuxer implements ConnectionContext, SiblingEndpoint {
+export class VsockMuxer implements ConnectionContext, DgramContext, SiblingEndpoint {
   reactor!: Reactor;
   readonly gather: TxGather = new TxGather();
   readonly iov: BigUint64Array = new BigUint64Array(2 * MAX_IOV);
@@ -96,6 +98,10 @@ export class VsockMuxer implements ConnectionContext, SiblingEndpoint {
   readonly #conns = new ConnectionTable();
   #host: HostListener | null = null;
   #seqpacketHost: HostListener | null = null;
+  /** datagrams, with `--dgram` */
+  #dgram: DgramEndpoint | null = null;
+  /** the driver acked VIRTIO_VSOCK_F_DGRAM */
+  dgramAcked = false;
   /** malformed packets seen */
   #badPackets = 0;
   readonly #eventLog = new LogLimiter("vsock: connection events", 50, 5000, "info");
@@ -150,6 +156,10 @@ export class VsockMuxer implements ConnectionContext, SiblingEndpoint {
       SOCK_SEQPACKET,
     );
     this.#seqpacketHost.listen();
+    if (this.options.datagrams) {
+      this.#dgram = new DgramEndpoint(this, this.options.udsPath);
+      this.#dgram.listen();
+    }
     this.options.hub?.register(this);
   }
 
@@ -164,6 +174,20 @@ export class VsockMuxer implements ConnectionContext, SiblingEndpoint {
 
   scheduleRx(c: VsockConnection): void {
     this.#scheduleFlow(c);
+  }
+
+  scheduleFlow(f: RxFlow): void {
+    this.#scheduleFlow(f);
+  }
+
+  /** The RX scheduler weight of flows toward guest port `port` (`--rx-weight`). */
+  weightOf(port: number): number {
+    return this.options.rxWeights?.get(port) ?? 1;
+  }
+
+  /** Datagram counters (null without `--dgram`). */
+  get dgramStats(): DgramStats | null {
+    return this.#dgram?.stats ?? null;
   }
 
   forget(c: VsockConnection): void {
@@ -209,6 +233,10 @@ export class VsockMuxer implements ConnectionContext, SiblingEndpoint {
       if (h.op !== VIRTIO_VSOCK_OP_RST) this.orphanReset(h);
       return;
     }
+    if (h.type === VIRTIO_VSOCK_TYPE_DGRAM && this.#dgram !== null && this.dgramAcked) {
+      this.#guestDatagram(h, chain);
+      return;
+    }
     if (h.type !== VIRTIO_VSOCK_TYPE_STREAM && h.type !== VIRTIO_VSOCK_TYPE_SEQPACKET) {
       if (log.debugOn) log.debug(`vsock: unsupported socket type ${h.type}; RST`);
       if (h.op !== VIRTIO_VSOCK_OP_RST) this.orphanReset(h);
@@ -225,6 +253,32 @@ export class VsockMuxer implements ConnectionContext, SiblingEndpoint {
     } else if (c !== undefined) c.onGuestPacket(h, chain);
     else if (h.op === VIRTIO_VSOCK_OP_REQUEST) this.#guestConnect(h);
     else if (h.op !== VIRTIO_VSOCK_OP_RST) this.orphanReset(h);
+  }
+
+  /**
+   * A guest datagram: to a sibling VM, or to the host app bound at `<uds_path>_<port>.dgram`.
+   * Connectionless: nothing answers a bad or undeliverable one (no RST), it is dropped.
+   */
+  #guestDatagram(h: PacketHeader, chain: DescChain): void {
+    if (h.op !== VIRTIO_VSOCK_OP_RW) {
+      this.#dgram!.dropped("toHost", `op ${opName(h.op)} on a datagram`);
+    } else if (h.dstCid !== VSOCK_HOST_CID) {
+      const to = this.options.hub?.route(this, h.dstCid);
+      if (
+        to === undefined || !to.acceptFromSibling(SiblingHub.packet(h, this.#payload(h, chain)))
+      ) {
+        this.#dgram!.dropped("toHost", `no room at CID ${h.dstCid}`);
+      }
+    } else {
+      this.#dgram!.fromGuest(h, chain);
+    }
+  }
+
+  #payload(h: PacketHeader, chain: DescChain): Uint8Array | null {
+    if (h.len === 0) return null;
+    const payload = new Uint8Array(h.len);
+    chain.readInto(payload, VIRTIO_VSOCK_HDR_SIZE);
+    return payload;
   }
 
   /** The guest connects to a host service: `<uds_path>_<port>`. */
@@ -260,6 +314,7 @@ export class VsockMuxer implements ConnectionContext, SiblingEndpoint {
       false,
       h.type,
     );
+    c.weight = this.weightOf(c.peerPort);
     c.credit.updateFromPeer(h.bufAlloc, h.fwdCnt);
     this.#add(c);
     c.watchHost();
@@ -315,6 +370,7 @@ export class VsockMuxer implements ConnectionContext, SiblingEndpoint {
       true,
       type,
     );
+    c.weight = this.weightOf(port);
     c.fromHost = early;
     this.#add(c);
     c.offerToGuest(this.options.connectTimeoutMs);
@@ -393,12 +449,7 @@ export class VsockMuxer implements ConnectionContext, SiblingEndpoint {
       if (h.op !== VIRTIO_VSOCK_OP_RST) this.orphanReset(h);
       return;
     }
-    let payload: Uint8Array | null = null;
-    if (h.len > 0) {
-      payload = new Uint8Array(h.len);
-      chain.readInto(payload, VIRTIO_VSOCK_HDR_SIZE);
-    }
-    if (!to.acceptFromSibling(SiblingHub.packet(h, payload))) {
+    if (!to.acceptFromSibling(SiblingHub.packet(h, this.#payload(h, chain)))) {
       this.logFault(`vsock: CID ${h.dstCid} is not taking packets (queue full); RST to the sender`);
       if (h.op !== VIRTIO_VSOCK_OP_RST) this.orphanReset(h);
     }
@@ -415,6 +466,7 @@ export class VsockMuxer implements ConnectionContext, SiblingEndpoint {
     const n = this.#conns.size;
     for (const c of [...this.#conns.all()]) c.destroy(false);
     this.#window = null;
+    this.#dgram?.clear();
     this.scheduler.clear();
     this.#inbox.clear();
     return n;
@@ -449,6 +501,7 @@ export class VsockMuxer implements ConnectionContext, SiblingEndpoint {
   dispose(): void {
     this.#host?.close();
     this.#seqpacketHost?.close();
+    this.#dgram?.close();
     this.options.hub?.unregister(this);
   }
 }

@@ -10,7 +10,7 @@
 
 import { close, EPOLLET, EPOLLIN } from "../../ffi/mod.ts";
 import { log } from "../log.ts";
-import { type Handler, RequestError, vringState } from "./handler_context.ts";
+import { type Handler, RequestError, requestLog, vringState } from "./handler_context.ts";
 import { encodeVringStateReply } from "./messages.ts";
 import {
   VHOST_USER_F_PROTOCOL_FEATURES_MASK as PROTOCOL_FEATURES_MASK,
@@ -76,7 +76,7 @@ export const VRING_HANDLERS: ReadonlyMap<number, Handler> = new Map<number, Hand
       // Edge-triggered: every write to the eventfd is an edge, so the counter need not be
       // read back (one system call less per kick; it cannot reach 2^64 - 1).
       ctx.reactor.addFd(fd, EPOLLIN | EPOLLET, () => ctx.onKick(v));
-    } else {
+    } else if (requestLog.allow()) {
       log.warn(
         `vhost-user: vring ${v.index}: no kick fd (polling mode); processing on other events only`,
       );
@@ -100,7 +100,7 @@ export const VRING_HANDLERS: ReadonlyMap<number, Handler> = new Map<number, Hand
     const { index, num } = vringState(p);
     const v = ctx.vring(index);
     const s = ctx.session;
-    if ((s.ackedFeatures & PROTOCOL_FEATURES_MASK) === 0n && s.featuresSet) {
+    if ((s.ackedFeatures & PROTOCOL_FEATURES_MASK) === 0n && s.featuresSet && requestLog.allow()) {
       log.warn(`vhost-user: SET_VRING_ENABLE without VHOST_USER_F_PROTOCOL_FEATURES acked`);
     }
     v.enabled = num !== 0;

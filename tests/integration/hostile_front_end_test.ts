@@ -10,10 +10,21 @@
  * - a front end that never reads its replies: the back end used to log one line per message
  *   (`reply could not be sent (errno 11)`) and drop or cut replies, breaking the framing. Now
  *   the connection ends with one line, and the next front end is served.
+ * - kick, call and error fds that are not eventfds (found by the fuzzer): a pipe as the call
+ *   fd made every interrupt throw out of the device's batch-end hook (an ERROR line with a
+ *   stack per batch, and the rest of the batch's signalling skipped). Now refused.
  */
 import assert from "node:assert/strict";
-import { type BackendProcess, spawnBackend } from "../../lib/testing/mod.ts";
-import { encodeRequest } from "../../lib/vhost_user/messages.ts";
+import { close, pipe } from "../../ffi/mod.ts";
+import {
+  type BackendProcess,
+  readExactly,
+  spawnBackend,
+  startVm,
+  VSOCK_VQ_RX,
+  VSOCK_VQ_TX,
+} from "../../lib/testing/mod.ts";
+import { decodeU64, encodeRequest, encodeU64 } from "../../lib/vhost_user/messages.ts";
 import { VhostUserRequest as R } from "../../lib/vhost_user/protocol.ts";
 import { RawFrontEnd } from "../fuzz/raw_front_end.ts";
 
@@ -33,6 +44,13 @@ function getFeatures(backend: BackendProcess, timeoutMs: number): string {
   } finally {
     fe.close();
   }
+}
+
+/** The u64 of a REPLY_ACK (0 = success). */
+function ackValue(reply: { payload: Uint8Array }): bigint {
+  const v = decodeU64(reply.payload);
+  if (v instanceof Error) throw v;
+  return v;
 }
 
 async function withBackend(fn: (b: BackendProcess) => Promise<void> | void): Promise<string> {
@@ -118,5 +136,36 @@ Deno.test({
       assert.match(backend.stderr(), /a reply could not be sent whole/);
       assert.equal(getFeatures(backend, 2000), "reply", "the next front end is served");
     });
+  },
+});
+
+Deno.test({
+  name:
+    "a call fd that is not an eventfd is refused: the device's interrupts never throw (found by the front-end fuzzer)",
+  ...TIMEOUT,
+  fn: async () => {
+    const vm = await startVm({ profile: "qemu", guest: { timeoutMs: 3000 } });
+    let stderr = "";
+    try {
+      // A pipe's read end whose write end is closed: every interrupt write fails (EBADF).
+      const [r, w] = pipe();
+      close(w);
+      for (const q of [VSOCK_VQ_RX, VSOCK_VQ_TX]) {
+        const ack = vm.frontEnd.request(R.SET_VRING_CALL, encodeU64(q), [r], { needReply: true });
+        assert.notEqual(ackValue(ack!), 0n, `vring ${q}: a pipe accepted as the call fd`);
+      }
+      close(r);
+      // Traffic both ways makes the device interrupt the guest.
+      const listener = vm.guest.listen(5000);
+      const [host, conn] = await Promise.all([vm.hostConnect(5000), listener.accept()]);
+      await conn.write(new TextEncoder().encode("ping"));
+      assert.equal(new TextDecoder().decode(await readExactly(host.conn, 4)), "ping");
+      host.conn.close();
+      await conn.close();
+      listener.close();
+    } finally {
+      stderr = (await vm.stop()).stderr;
+    }
+    assert.doesNotMatch(stderr, /threw/, "an exception escaped to the reactor");
   },
 });

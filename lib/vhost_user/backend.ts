@@ -20,9 +20,13 @@
  * Replies: GET_* requests always reply. With REPLY_ACK negotiated, any other
  * request carrying NEED_REPLY gets a u64 ack (0 = success). A malformed
  * message is answered with a failed ack when one is expected and logged; a
- * message that breaks framing closes the connection. When the front end goes
- * away the device is reset and the next front end is accepted on the same
- * socket.
+ * message that breaks framing closes the connection. A reply that cannot be
+ * sent whole (the front end does not read its replies and hundreds are queued,
+ * or a short write that would break the framing) ends the connection too, with
+ * one log line. When the front end goes away the device is reset and the next
+ * front end is accepted on the same socket; a front end that connects while
+ * the previous one has hung up but its last messages are still queued gets in
+ * once those are handled. Every line a front end can trigger is rate-limited.
  */
 import {
   acceptRaw,
@@ -31,11 +35,15 @@ import {
   EPOLLIN,
   getSockOptInt,
   listenUnix,
+  POLLERR,
+  pollFds,
+  POLLHUP,
+  POLLIN,
   sendWithFds,
   setNonBlocking,
   SO_ACCEPTCONN,
 } from "../../ffi/mod.ts";
-import { log } from "../log.ts";
+import { log, LogLimiter } from "../log.ts";
 import type { Reactor } from "../reactor.ts";
 import { QueueError, SplitQueue } from "../virtio/split_queue.ts";
 import {
@@ -52,6 +60,7 @@ import {
   type HandlerContext,
   newSession,
   RequestError,
+  requestLog,
 } from "./handler_context.ts";
 import { DEVICE_HANDLERS } from "./handlers_device.ts";
 import { MEMORY_HANDLERS } from "./handlers_memory.ts";
@@ -83,6 +92,12 @@ export interface BackendOptions {
   listenFd?: number;
 }
 
+/** Messages handled per readiness event of the front-end socket before other fds run. */
+const MESSAGES_PER_BATCH = 64;
+
+/** Connects, disconnects and refusals: a front end that reconnects in a loop triggers them. */
+const connectionLog = new LogLimiter("vhost-user: front-end connection lines", 20, 5000, "info");
+
 /** Every request the back end handles, by id. */
 const HANDLERS: ReadonlyMap<number, Handler> = new Map([
   ...NEGOTIATION_HANDLERS,
@@ -97,6 +112,8 @@ export class VhostUserBackend {
   #listenFd = -1;
   #connFd = -1;
   #reader: MessageReader | null = null;
+  /** why a reply could not be sent whole: the connection ends after the current message */
+  #replyFailed: string | null = null;
   /** what the current front end negotiated */
   readonly #session: BackendSession = newSession();
   /** the back end as the request handlers see it */
@@ -211,8 +228,12 @@ export class VhostUserBackend {
         log.warn(`vhost-user: accept failed: errno ${-fd}`);
         return;
       }
-      if (this.#connFd >= 0) {
-        log.warn("vhost-user: a second front end tried to connect while one is attached; refused");
+      if (this.#connFd >= 0 && !this.#finishIfHungUp()) {
+        if (connectionLog.allow()) {
+          log.warn(
+            "vhost-user: a second front end tried to connect while one is attached; refused",
+          );
+        }
         close(fd);
         continue;
       }
@@ -220,28 +241,47 @@ export class VhostUserBackend {
     }
   }
 
-  #adopt(fd: number): void {
-    this.#connFd = fd;
-    this.connections++;
-    this.#reader = new MessageReader(fd);
-    this.reactor.addFd(fd, EPOLLIN, () => this.#readMessages());
-    log.info(`vhost-user: front end connected (${this.device.name})`);
+  /**
+   * A front end connects while one is attached: if the attached one has hung up (its
+   * last messages and EOF still queued behind the per-event batch), handle what it sent
+   * and let it go. Bounded: a closed peer sends nothing more. True if it is gone now.
+   */
+  #finishIfHungUp(): boolean {
+    const rev = pollFds([this.#connFd], [POLLIN], 0)[0];
+    if ((rev & (POLLHUP | POLLERR)) === 0) return false;
+    this.#serve(Infinity);
+    return this.#connFd < 0;
   }
 
-  #readMessages(): void {
+  #adopt(fd: number): void {
+    this.#connFd = fd;
+    this.#replyFailed = null;
+    this.connections++;
+    this.#reader = new MessageReader(fd);
+    // A bounded batch per event, then other fds run; epoll is level-triggered.
+    this.reactor.addFd(fd, EPOLLIN, () => this.#serve(MESSAGES_PER_BATCH));
+    if (connectionLog.allow()) log.info(`vhost-user: front end connected (${this.device.name})`);
+  }
+
+  /** Handles up to `limit` messages of the attached front end (fewer if it goes). */
+  #serve(limit: number): void {
     const reader = this.#reader;
-    // Handle a bounded batch, then let other fds run; epoll is level-triggered.
-    for (let i = 0; i < 64 && reader !== null && this.#reader === reader; i++) {
+    for (let i = 0; i < limit && reader !== null && this.#reader === reader; i++) {
       const r = reader.next();
       if (r.kind === "again") return;
       if (r.kind === "eof") return this.#disconnect("front end closed the connection");
       if (r.kind === "error") return this.#disconnect(`protocol error: ${r.reason}`);
       this.#dispatch(r.message);
+      if (this.#replyFailed !== null && this.#reader === reader) {
+        return this.#disconnect(`a reply could not be sent whole (${this.#replyFailed})`);
+      }
     }
   }
 
   #disconnect(why: string): void {
-    log.info(`vhost-user: ${why}; resetting the device and waiting for the next front end`);
+    if (connectionLog.allow()) {
+      log.info(`vhost-user: ${why}; resetting the device and waiting for the next front end`);
+    }
     this.#resetRings();
     this.device.reset("front-end-disconnected");
     this.#stateChannel.reset();
@@ -253,6 +293,7 @@ export class VhostUserBackend {
     this.#reader?.dispose();
     this.#reader = null;
     this.#connFd = -1;
+    this.#replyFailed = null;
     Object.assign(this.#session, newSession());
   }
 
@@ -266,11 +307,18 @@ export class VhostUserBackend {
     }
   }
 
+  /**
+   * Sends a reply whole, or marks the connection for ending (`#serve` ends it after the
+   * current message): a front end that does not read its replies fills the socket buffer
+   * (EAGAIN after hundreds of replies), and a short write would break the framing.
+   */
   #send(bytes: Uint8Array, fds: number[] = []): void {
-    if (this.#connFd < 0) return;
+    if (this.#connFd < 0 || this.#replyFailed !== null) return;
     const n = sendWithFds(this.#connFd, bytes, fds);
     if (n !== bytes.byteLength) {
-      log.warn(`vhost-user: reply could not be sent (${n < 0 ? `errno ${-n}` : "short write"})`);
+      this.#replyFailed = n < 0
+        ? `errno ${-n}`
+        : `short write of ${n} of ${bytes.byteLength} bytes`;
     }
   }
 
@@ -299,10 +347,11 @@ export class VhostUserBackend {
       replied = handler(this.#ctx, msg, decoded);
     } catch (e) {
       ok = false;
-      const text = e instanceof Error ? e.message : String(e);
-      log.warn(`vhost-user: ${name} failed: ${text}`);
-      if (!(e instanceof RequestError || e instanceof QueueError || e instanceof CodecError)) {
-        log.debug(`vhost-user: ${e instanceof Error ? e.stack : ""}`);
+      if (requestLog.allow()) {
+        log.warn(`vhost-user: ${name} failed: ${e instanceof Error ? e.message : String(e)}`);
+        if (!(e instanceof RequestError || e instanceof QueueError || e instanceof CodecError)) {
+          log.debug(`vhost-user: ${e instanceof Error ? e.stack : ""}`);
+        }
       }
     } finally {
       for (const fd of msg.fds) close(fd); // handlers take the fds they keep (set to -1)
@@ -365,7 +414,9 @@ export class VhostUserBackend {
       // Ring addresses or bases changed across a stop: the driver re-initialized the
       // device (rmmod/insmod, reboot). Its connections are gone; reset ours to match.
       this.#session.driverResetSuspected = false;
-      log.info("vhost-user: rings restarted with new addresses/bases: driver reset");
+      if (requestLog.allow()) {
+        log.info("vhost-user: rings restarted with new addresses/bases: driver reset");
+      }
       this.#deactivateAll();
       this.device.reset("driver-reset");
       for (const r of this.vrings) {
@@ -392,7 +443,9 @@ export class VhostUserBackend {
     }
     v.stoppedAt = base;
     v.stoppedAddr = v.addrKey();
-    if (this.#allStopped()) log.info("vhost-user: all rings stopped (device suspended)");
+    if (this.#allStopped() && requestLog.allow()) {
+      log.info("vhost-user: all rings stopped (device suspended)");
+    }
     return base;
   }
 
@@ -421,7 +474,9 @@ export class VhostUserBackend {
     const avail = this.memory.vaToGpa(v.availUser, availRingSize(v.num, true));
     const used = this.memory.vaToGpa(v.usedUser, usedRingSize(v.num, true));
     if (desc === null || avail === null || used === null) {
-      log.warn(`vhost-user: vring ${v.index}: ring addresses are not in mapped memory`);
+      if (requestLog.allow()) {
+        log.warn(`vhost-user: vring ${v.index}: ring addresses are not in mapped memory`);
+      }
       return;
     }
     try {
@@ -434,7 +489,9 @@ export class VhostUserBackend {
       if (prev !== null) q.usedIdx = prev.usedIdx;
       v.queue = q;
     } catch (e) {
-      log.warn(`vhost-user: vring ${v.index}: ${e instanceof Error ? e.message : e}`);
+      if (requestLog.allow()) {
+        log.warn(`vhost-user: vring ${v.index}: ${e instanceof Error ? e.message : e}`);
+      }
       return;
     }
     this.#updateActive(v);
@@ -475,7 +532,7 @@ export class VhostUserBackend {
   }
 
   #resetDevice(why: string): void {
-    log.info(`vhost-user: ${why}: resetting the device`);
+    if (requestLog.allow()) log.info(`vhost-user: ${why}: resetting the device`);
     this.#resetRings();
     this.device.reset("reset-device");
     this.#session.ackedFeatures = 0n;

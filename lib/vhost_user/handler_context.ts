@@ -8,8 +8,12 @@
  * the vrings, and the back end's ring lifecycle and reply primitives. It returns true when it
  * sent its own reply; `backend.ts` acks the rest (REPLY_ACK) and answers failures, which a
  * handler signals by throwing (`RequestError` for a refused request).
+ *
+ * Every log line a request can trigger goes through `requestLog`: a front end that repeats
+ * a bad request in a loop gets a few lines and a count, not one line per message.
  */
 
+import { LogLimiter } from "../log.ts";
 import type { Reactor } from "../reactor.ts";
 import type { VirtioDevice } from "./device.ts";
 import type { DeviceStateChannel } from "./device_state.ts";
@@ -17,6 +21,12 @@ import type { MappedGuestMemory } from "./guest_memory.ts";
 import type { RawMessage } from "./message_reader.ts";
 import type { Payload, VringState } from "./messages.ts";
 import type { Vring } from "./vring.ts";
+
+/**
+ * The rate limit of the lines front-end requests trigger (failed requests, refused config
+ * reads, memory tables, ring warnings): a VMM's whole realize sequence fits in the burst.
+ */
+export const requestLog: LogLimiter = new LogLimiter("vhost-user: front-end request lines", 40);
 
 /** Something went wrong handling one request: logged, acked as failure. */
 export class RequestError extends Error {}

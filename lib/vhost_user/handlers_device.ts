@@ -6,7 +6,7 @@
  */
 
 import { log } from "../log.ts";
-import { type Handler, RequestError } from "./handler_context.ts";
+import { type Handler, RequestError, requestLog } from "./handler_context.ts";
 import { encodeConfigReply } from "./messages.ts";
 import { VhostUserProtocolFeatureMask as PF, VhostUserRequest as R } from "./protocol.ts";
 
@@ -15,7 +15,7 @@ export const DEVICE_HANDLERS: ReadonlyMap<number, Handler> = new Map<number, Han
   [R.GET_CONFIG, (ctx, _msg, p) => {
     if (p.kind !== "config") throw new RequestError("bad payload");
     const data = ctx.device.readConfig(p.value.offset, p.value.size);
-    if (data === null) {
+    if (data === null && requestLog.allow()) {
       log.warn(`vhost-user: GET_CONFIG offset=${p.value.offset} size=${p.value.size} refused`);
     }
     ctx.send(encodeConfigReply(

@@ -8,7 +8,7 @@
 import { close, mapShared } from "../../ffi/mod.ts";
 import { log } from "../log.ts";
 import { checkBacked } from "./guest_memory.ts";
-import { type Handler, type HandlerContext, RequestError } from "./handler_context.ts";
+import { type Handler, type HandlerContext, RequestError, requestLog } from "./handler_context.ts";
 import type { RawMessage } from "./message_reader.ts";
 import type { Payload } from "./messages.ts";
 import {
@@ -60,7 +60,7 @@ export const MEMORY_HANDLERS: ReadonlyMap<number, Handler> = new Map<number, Han
       close(fd);
     }
     ctx.memory.setLogging((ctx.session.ackedFeatures & LOG_ALL_MASK) !== 0n);
-    log.info(`vhost-user: dirty log installed (${p.value.mmapSize} bytes)`);
+    if (requestLog.allow()) log.info(`vhost-user: dirty log installed (${p.value.mmapSize} bytes)`);
     ctx.replyU64(msg.request, 0);
     return true;
   }],
@@ -78,11 +78,13 @@ function setMemTable(ctx: HandlerContext, msg: RawMessage, p: Payload): void {
   ctx.deactivateAll();
   ctx.memory.clear();
   for (let i = 0; i < regions.length; i++) ctx.memory.add(regions[i], ctx.takeFd(msg, i));
-  log.info(
-    `vhost-user: memory table: ${
-      regions.map((r) => `[0x${r.guestAddr.toString(16)} +${r.size}]`).join(" ")
-    }`,
-  );
+  if (requestLog.allow()) {
+    log.info(
+      `vhost-user: memory table: ${
+        regions.map((r) => `[0x${r.guestAddr.toString(16)} +${r.size}]`).join(" ")
+      }`,
+    );
+  }
   ctx.rebuildQueues();
   if (wasActive.length) log.debug(`vhost-user: ${wasActive.length} rings re-mapped`);
 }

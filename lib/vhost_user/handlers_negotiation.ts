@@ -7,7 +7,13 @@
 
 import { log } from "../log.ts";
 import { VIRTIO_RING_F_EVENT_IDX_MASK } from "../virtio/features.ts";
-import { type Handler, type HandlerContext, RequestError, u64 } from "./handler_context.ts";
+import {
+  type Handler,
+  type HandlerContext,
+  RequestError,
+  requestLog,
+  u64,
+} from "./handler_context.ts";
 import {
   VHOST_F_LOG_ALL_MASK as LOG_ALL_MASK,
   VHOST_USER_F_PROTOCOL_FEATURES_MASK as PROTOCOL_FEATURES_MASK,
@@ -31,7 +37,7 @@ export const NEGOTIATION_HANDLERS: ReadonlyMap<number, Handler> = new Map<number
   [R.SET_PROTOCOL_FEATURES, (ctx, _msg, p) => {
     const f = u64(p);
     const unknown = f & ~ctx.offeredProtocolFeatures;
-    if (unknown !== 0n) {
+    if (unknown !== 0n && requestLog.allow()) {
       log.warn(
         `vhost-user: front end acked protocol features we did not offer: 0x${unknown.toString(16)}`,
       );

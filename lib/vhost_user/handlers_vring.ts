@@ -6,16 +6,44 @@
  *
  * A kick that arrives while the ring is not active is remembered ("never drop a kick"), and
  * a ring that becomes active is processed at once ("kick after start"); see `backend.ts`.
+ *
+ * Kick, call and error fds must be eventfds, as the spec names them: anything else (a memfd
+ * cannot be polled, a pipe's read end or a dead socket fails every interrupt write) is
+ * refused and closed, leaving the ring as it was.
  */
 
 import { close, EPOLLET, EPOLLIN } from "../../ffi/mod.ts";
 import { log } from "../log.ts";
-import { type Handler, RequestError, vringState } from "./handler_context.ts";
+import {
+  type Handler,
+  type HandlerContext,
+  RequestError,
+  requestLog,
+  vringState,
+} from "./handler_context.ts";
+import type { RawMessage } from "./message_reader.ts";
 import { encodeVringStateReply } from "./messages.ts";
 import {
   VHOST_USER_F_PROTOCOL_FEATURES_MASK as PROTOCOL_FEATURES_MASK,
   VhostUserRequest as R,
 } from "./protocol.ts";
+
+/** What /proc/self/fd/<n> links to for an eventfd. */
+const EVENTFD_LINK = "anon_inode:[eventfd]";
+
+/** Takes the message's fd if it is an eventfd; closes it and refuses otherwise. */
+function takeEventFd(ctx: HandlerContext, msg: RawMessage, what: string): number {
+  const fd = ctx.takeFd(msg);
+  let link = "";
+  try {
+    link = Deno.readLinkSync(`/proc/self/fd/${fd}`);
+  } catch { /* not inspectable: refused below */ }
+  if (link !== EVENTFD_LINK) {
+    close(fd);
+    throw new RequestError(`${what} fd is not an eventfd (${link || "unknown"})`);
+  }
+  return fd;
+}
 
 /** Handlers of the vring requests, by request id. */
 export const VRING_HANDLERS: ReadonlyMap<number, Handler> = new Map<number, Handler>([
@@ -65,7 +93,7 @@ export const VRING_HANDLERS: ReadonlyMap<number, Handler> = new Map<number, Hand
     if (p.kind !== "vringFd") throw new RequestError("bad payload");
     const v = ctx.vring(p.value.index);
     // Take the new fd first: a rejected request must leave the ring as it was.
-    const fd = p.value.noFd ? -1 : ctx.takeFd(msg);
+    const fd = p.value.noFd ? -1 : takeEventFd(ctx, msg, "kick");
     if (v.kickFd >= 0) {
       ctx.reactor.removeFd(v.kickFd);
       close(v.kickFd);
@@ -76,7 +104,7 @@ export const VRING_HANDLERS: ReadonlyMap<number, Handler> = new Map<number, Hand
       // Edge-triggered: every write to the eventfd is an edge, so the counter need not be
       // read back (one system call less per kick; it cannot reach 2^64 - 1).
       ctx.reactor.addFd(fd, EPOLLIN | EPOLLET, () => ctx.onKick(v));
-    } else {
+    } else if (requestLog.allow()) {
       log.warn(
         `vhost-user: vring ${v.index}: no kick fd (polling mode); processing on other events only`,
       );
@@ -87,20 +115,20 @@ export const VRING_HANDLERS: ReadonlyMap<number, Handler> = new Map<number, Hand
   [R.SET_VRING_CALL, (ctx, msg, p) => {
     if (p.kind !== "vringFd") throw new RequestError("bad payload");
     const v = ctx.vring(p.value.index);
-    v.setCallFd(p.value.noFd ? -1 : ctx.takeFd(msg));
+    v.setCallFd(p.value.noFd ? -1 : takeEventFd(ctx, msg, "call"));
     return false;
   }],
   [R.SET_VRING_ERR, (ctx, msg, p) => {
     if (p.kind !== "vringFd") throw new RequestError("bad payload");
     const v = ctx.vring(p.value.index);
-    v.setErrFd(p.value.noFd ? -1 : ctx.takeFd(msg));
+    v.setErrFd(p.value.noFd ? -1 : takeEventFd(ctx, msg, "error"));
     return false;
   }],
   [R.SET_VRING_ENABLE, (ctx, _msg, p) => {
     const { index, num } = vringState(p);
     const v = ctx.vring(index);
     const s = ctx.session;
-    if ((s.ackedFeatures & PROTOCOL_FEATURES_MASK) === 0n && s.featuresSet) {
+    if ((s.ackedFeatures & PROTOCOL_FEATURES_MASK) === 0n && s.featuresSet && requestLog.allow()) {
       log.warn(`vhost-user: SET_VRING_ENABLE without VHOST_USER_F_PROTOCOL_FEATURES acked`);
     }
     v.enabled = num !== 0;

@@ -8,7 +8,7 @@
  * beyond the largest legitimate payload is a protocol error (the connection is
  * dropped), so memory use stays bounded.
  */
-import { EAGAIN, readRaw, recvWithFds } from "../../ffi/mod.ts";
+import { EAGAIN, ECONNRESET, readRaw, recvWithFds } from "../../ffi/mod.ts";
 import { decodeHeader } from "./messages.ts";
 import { VHOST_USER_HDR_SIZE } from "./protocol.ts";
 import { close } from "../../ffi/mod.ts";
@@ -51,15 +51,16 @@ export class MessageReader {
         VHOST_USER_HDR_SIZE - this.#headerLen,
       );
       if (typeof r === "number") {
-        return r === -EAGAIN ? { kind: "again" } : { kind: "error", reason: `recvmsg errno ${-r}` };
+        if (r === -EAGAIN) return { kind: "again" };
+        // A front end that closes with replies unread resets the connection: between
+        // messages that is its hang-up, like EOF.
+        if (r === -ECONNRESET && this.#headerLen === 0) return this.#eof();
+        return this.#fail(`recvmsg errno ${-r}`);
       }
       this.#fds.push(...r.fds);
       if (r.truncated) return this.#fail("file descriptors were truncated (MSG_CTRUNC)");
       if (this.#fds.length > MAX_MESSAGE_FDS) return this.#fail("too many file descriptors");
-      if (r.n === 0) {
-        this.#discardFds();
-        return { kind: "eof" };
-      }
+      if (r.n === 0) return this.#headerLen === 0 ? this.#eof() : this.#fail("EOF in a header");
       this.#headerLen += r.n;
       if (this.#headerLen === VHOST_USER_HDR_SIZE) {
         const h = decodeHeader(this.#header);
@@ -101,6 +102,11 @@ export class MessageReader {
   #discardFds(): void {
     for (const fd of this.#fds) close(fd);
     this.#fds = [];
+  }
+
+  #eof(): ReadResult {
+    this.#discardFds();
+    return { kind: "eof" };
   }
 
   #fail(reason: string): ReadResult {

@@ -29,9 +29,9 @@
  * once those are handled. Every line a front end can trigger is rate-limited.
  */
 import {
-  acceptRaw,
   close,
-  EAGAIN,
+  EPOLLERR,
+  EPOLLHUP,
   EPOLLIN,
   getSockOptInt,
   listenUnix,
@@ -43,6 +43,7 @@ import {
   setNonBlocking,
   SO_ACCEPTCONN,
 } from "../../ffi/mod.ts";
+import { Acceptor } from "../acceptor.ts";
 import { log, LogLimiter } from "../log.ts";
 import type { Reactor } from "../reactor.ts";
 import { QueueError, SplitQueue } from "../virtio/split_queue.ts";
@@ -110,9 +111,12 @@ export class VhostUserBackend {
   readonly memory: MappedGuestMemory = new MappedGuestMemory();
   readonly vrings: Vring[];
   #listenFd = -1;
+  #acceptor: Acceptor | null = null;
   #connFd = -1;
   #reader: MessageReader | null = null;
   /** why a reply could not be sent whole: the connection ends after the current message */
+  /** a reply is being held (CHECK_DEVICE_STATE waiting for a load's EOF) */
+  #held = false;
   #replyFailed: string | null = null;
   /** what the current front end negotiated */
   readonly #session: BackendSession = newSession();
@@ -151,6 +155,7 @@ export class VhostUserBackend {
       },
       send: (bytes, fds) => this.#send(bytes, fds),
       replyU64: (request, value) => this.#replyU64(request, value),
+      holdReplies: () => this.#holdReplies(),
       takeFd: (msg, i) => this.#takeFd(msg, i),
       vring: (index) => this.#vring(index),
       startRing: (v) => this.#startRing(v),
@@ -182,7 +187,13 @@ export class VhostUserBackend {
     } else {
       throw new Error("vhost-user back end needs a socket path or a listening fd");
     }
-    this.reactor.addFd(this.#listenFd, EPOLLIN, () => this.#accept());
+    this.#acceptor = new Acceptor(
+      this.reactor,
+      this.#listenFd,
+      `vhost-user: ${this.device.name}`,
+      (fd) => this.#accepted(fd),
+    );
+    this.#acceptor.start();
     log.info(
       `vhost-user: ${this.device.name} listening on ${
         this.options.socketPath ?? `fd ${this.#listenFd}`
@@ -208,7 +219,8 @@ export class VhostUserBackend {
   close(): void {
     if (this.#connFd >= 0) this.#disconnect("back end shutting down");
     if (this.#listenFd >= 0) {
-      this.reactor.removeFd(this.#listenFd);
+      this.#acceptor?.stop();
+      this.#acceptor = null;
       close(this.#listenFd);
       this.#listenFd = -1;
       if (this.options.socketPath !== undefined) {
@@ -220,25 +232,16 @@ export class VhostUserBackend {
     this.#stateChannel.dispose();
   }
 
-  #accept(): void {
-    for (;;) {
-      const fd = acceptRaw(this.#listenFd);
-      if (fd === -EAGAIN) return;
-      if (fd < 0) {
-        log.warn(`vhost-user: accept failed: errno ${-fd}`);
-        return;
+  /** A front end connected (accepts back off on EMFILE: see lib/acceptor.ts). */
+  #accepted(fd: number): void {
+    if (this.#connFd >= 0 && !this.#finishIfHungUp()) {
+      if (connectionLog.allow()) {
+        log.warn("vhost-user: a second front end tried to connect while one is attached; refused");
       }
-      if (this.#connFd >= 0 && !this.#finishIfHungUp()) {
-        if (connectionLog.allow()) {
-          log.warn(
-            "vhost-user: a second front end tried to connect while one is attached; refused",
-          );
-        }
-        close(fd);
-        continue;
-      }
-      this.#adopt(fd);
+      close(fd);
+      return;
     }
+    this.#adopt(fd);
   }
 
   /**
@@ -259,14 +262,20 @@ export class VhostUserBackend {
     this.connections++;
     this.#reader = new MessageReader(fd);
     // A bounded batch per event, then other fds run; epoll is level-triggered.
-    this.reactor.addFd(fd, EPOLLIN, () => this.#serve(MESSAGES_PER_BATCH));
+    this.reactor.addFd(fd, EPOLLIN, (ev) => {
+      // While a reply is held no EPOLLIN is asked for, but a hang-up is still reported.
+      if (this.#held && (ev & (EPOLLHUP | EPOLLERR)) !== 0) {
+        return this.#disconnect("front end hung up while its reply was pending");
+      }
+      this.#serve(MESSAGES_PER_BATCH);
+    });
     if (connectionLog.allow()) log.info(`vhost-user: front end connected (${this.device.name})`);
   }
 
   /** Handles up to `limit` messages of the attached front end (fewer if it goes). */
   #serve(limit: number): void {
     const reader = this.#reader;
-    for (let i = 0; i < limit && reader !== null && this.#reader === reader; i++) {
+    for (let i = 0; i < limit && reader !== null && this.#reader === reader && !this.#held; i++) {
       const r = reader.next();
       if (r.kind === "again") return;
       if (r.kind === "eof") return this.#disconnect("front end closed the connection");
@@ -292,6 +301,7 @@ export class VhostUserBackend {
     }
     this.#reader?.dispose();
     this.#reader = null;
+    this.#held = false;
     this.#connFd = -1;
     this.#replyFailed = null;
     Object.assign(this.#session, newSession());
@@ -320,6 +330,24 @@ export class VhostUserBackend {
         ? `errno ${-n}`
         : `short write of ${n} of ${bytes.byteLength} bytes`;
     }
+  }
+
+  /** See HandlerContext.holdReplies: reading pauses until the deferred reply is sent. */
+  #holdReplies(): (reply: Uint8Array) => void {
+    const reader = this.#reader;
+    const fd = this.#connFd;
+    this.#held = true;
+    if (fd >= 0) this.reactor.modifyFd(fd, 0); // level-triggered: stop the events too
+    return (reply) => {
+      if (this.#reader !== reader || reader === null) return; // that front end is gone
+      this.#held = false;
+      this.#send(reply);
+      if (this.#replyFailed !== null) {
+        this.#disconnect(`a reply could not be sent whole (${this.#replyFailed})`);
+        return;
+      }
+      this.reactor.modifyFd(fd, EPOLLIN);
+    };
   }
 
   #replyU64(request: number, value: bigint | number): void {

@@ -10,22 +10,23 @@
  * and the load succeeded (u64 0 = success).
  *
  * Transfers run on the reactor with a non-blocking fd, so a stalled peer never
- * blocks the device. CHECK_DEVICE_STATE completes a load whose EOF has not been
- * seen yet by waiting (bounded) for it: the front end has closed its end by then.
+ * blocks the device. CHECK_DEVICE_STATE on a load whose EOF has not been seen yet
+ * is answered when the EOF comes (the front end has normally closed its end by
+ * then), or fails after DEVICE_STATE_EOF_WAIT_MS; meanwhile the reactor serves
+ * everything else (the back end reads no further message from that front end
+ * until the answer is sent). Every line a front end can trigger is rate-limited.
  */
 import {
   close,
   EAGAIN,
   EPOLLIN,
   EPOLLOUT,
-  pollFds,
-  POLLIN,
   readRaw,
   setNonBlocking,
   writeRaw,
 } from "../../ffi/mod.ts";
-import { log } from "../log.ts";
-import type { Reactor } from "../reactor.ts";
+import { log, LogLimiter } from "../log.ts";
+import type { Reactor, Timer } from "../reactor.ts";
 import type { VirtioDevice } from "./device.ts";
 import {
   VHOST_TRANSFER_STATE_DIRECTION_LOAD,
@@ -36,8 +37,8 @@ import {
 
 /** Largest device state we accept on load (ours is a few hundred bytes). */
 export const MAX_DEVICE_STATE_BYTES = 1 << 20;
-/** How long CHECK_DEVICE_STATE waits for a load's EOF. */
-export const DEVICE_STATE_EOF_WAIT_MS = 5000;
+/** How long CHECK_DEVICE_STATE waits for a load's EOF (the front end closes its end before asking). */
+export const DEVICE_STATE_EOF_WAIT_MS = 1000;
 
 const ERR_GENERIC = 1;
 
@@ -45,10 +46,16 @@ type Transfer =
   | { kind: "save"; fd: number; data: Uint8Array; off: number }
   | { kind: "load"; fd: number; chunks: Uint8Array[]; total: number };
 
+/** Lines about transfers a front end starts (and may repeat at will). */
+const stateLog = new LogLimiter("device state", 20, 5000);
+
 export class DeviceStateChannel {
   #transfer: Transfer | null = null;
   /** outcome of the last finished transfer: null = none yet, "" = ok, else the error */
   #result: string | null = null;
+  /** a CHECK_DEVICE_STATE waiting for the load's EOF, and its deadline */
+  #checkWaiter: ((result: number) => void) | null = null;
+  #checkTimer: Timer | null = null;
 
   constructor(readonly reactor: Reactor, readonly device: VirtioDevice) {}
 
@@ -59,7 +66,7 @@ export class DeviceStateChannel {
     const fail = (why: string) => {
       close(fd);
       this.#result = why;
-      log.warn(`device state: ${why}`);
+      if (stateLog.allow()) log.warn(`device state: ${why}`);
       return ERR_GENERIC | VHOST_USER_DEVICE_STATE_NOFD_MASK;
     };
     if (phase !== VHOST_TRANSFER_STATE_PHASE_STOPPED) return fail(`unsupported phase ${phase}`);
@@ -70,12 +77,12 @@ export class DeviceStateChannel {
       const data = this.device.saveState();
       this.#transfer = { kind: "save", fd, data, off: 0 };
       this.reactor.addFd(fd, EPOLLOUT, () => this.#pump());
-      log.info(`device state: saving ${data.length} bytes`);
+      if (stateLog.allow()) log.info(`device state: saving ${data.length} bytes`);
     } else if (direction === VHOST_TRANSFER_STATE_DIRECTION_LOAD) {
       if (this.device.loadState === undefined) return fail("device cannot load state");
       this.#transfer = { kind: "load", fd, chunks: [], total: 0 };
       this.reactor.addFd(fd, EPOLLIN, () => this.#pump());
-      log.info("device state: loading");
+      if (stateLog.allow()) log.info("device state: loading");
     } else {
       return fail(`unknown transfer direction ${direction}`);
     }
@@ -83,22 +90,32 @@ export class DeviceStateChannel {
     return VHOST_USER_DEVICE_STATE_NOFD_MASK;
   }
 
-  /** Handles CHECK_DEVICE_STATE: 0 if the last transfer (and load) succeeded. */
-  check(): number {
+  /**
+   * Handles CHECK_DEVICE_STATE: `done(0)` if the last transfer (and load) succeeded, else
+   * `done(1)`. Called at once, or (a load still waiting for its EOF) when the EOF comes or
+   * DEVICE_STATE_EOF_WAIT_MS has passed; the reactor is never blocked.
+   */
+  check(done: (result: number) => void): void {
     const t = this.#transfer;
     if (t !== null && t.kind === "load") {
-      // The front end has closed its end before asking; wait (bounded) for the EOF.
-      const deadline = performance.now() + DEVICE_STATE_EOF_WAIT_MS;
-      while (this.#transfer === t && performance.now() < deadline) {
-        pollFds([t.fd], [POLLIN], Math.max(1, Math.ceil(deadline - performance.now())));
-        this.#pump();
-      }
-      if (this.#transfer === t) this.#abort("no EOF on the state fd");
-    } else if (t !== null && t.kind === "save") {
+      this.#checkWaiter?.(ERR_GENERIC);
+      this.#checkWaiter = done;
+      this.#checkTimer = this.reactor.setTimer(DEVICE_STATE_EOF_WAIT_MS, () => {
+        this.#checkTimer = null;
+        this.#abort("no EOF on the state fd");
+      });
+      this.#pump();
+      return;
+    }
+    if (t !== null && t.kind === "save") {
       this.#abort(`front end checked before reading the whole state (${t.off}/${t.data.length})`);
     }
+    done(this.#outcome());
+  }
+
+  #outcome(): number {
     if (this.#result === null) {
-      log.warn("device state: CHECK_DEVICE_STATE without a transfer");
+      if (stateLog.allow()) log.warn("device state: CHECK_DEVICE_STATE without a transfer");
       return ERR_GENERIC;
     }
     return this.#result === "" ? 0 : ERR_GENERIC;
@@ -115,7 +132,7 @@ export class DeviceStateChannel {
         t.off += n;
       }
       this.#finish("");
-      log.info(`device state: saved ${t.data.length} bytes`);
+      if (stateLog.allow()) log.info(`device state: saved ${t.data.length} bytes`);
       return;
     }
     const buf = new Uint8Array(64 * 1024);
@@ -139,10 +156,10 @@ export class DeviceStateChannel {
     try {
       this.device.loadState!(data);
       this.#finish("");
-      log.info(`device state: loaded ${data.length} bytes`);
+      if (stateLog.allow()) log.info(`device state: loaded ${data.length} bytes`);
     } catch (e) {
       this.#finish(e instanceof Error ? e.message : String(e));
-      log.warn(`device state: load failed: ${this.#result}`);
+      if (stateLog.allow()) log.warn(`device state: load failed: ${this.#result}`);
     }
   }
 
@@ -154,11 +171,16 @@ export class DeviceStateChannel {
     }
     this.#transfer = null;
     this.#result = result;
+    this.#checkTimer?.cancel();
+    this.#checkTimer = null;
+    const waiter = this.#checkWaiter;
+    this.#checkWaiter = null;
+    waiter?.(this.#outcome());
   }
 
   #abort(why: string): void {
     if (this.#transfer === null) return;
-    log.warn(`device state: ${why}`);
+    if (stateLog.allow()) log.warn(`device state: ${why}`);
     this.#finish(why);
   }
 

@@ -76,6 +76,11 @@ export interface HandlerContext {
   send(bytes: Uint8Array, fds?: number[]): void;
   /** Sends a u64 reply to `request`. */
   replyU64(request: number, value: bigint | number): void;
+  /**
+   * Stops reading this front end's messages until the returned function is called with the
+   * pending reply (sent only if the same front end is still attached).
+   */
+  holdReplies(): (reply: Uint8Array) => void;
   /** Takes fd #i of the message (the caller owns it now). */
   takeFd(msg: RawMessage, i?: number): number;
   /** The vring `index`, or a RequestError. */

@@ -7,7 +7,7 @@
 
 import { log } from "../log.ts";
 import { type Handler, RequestError, requestLog } from "./handler_context.ts";
-import { encodeConfigReply } from "./messages.ts";
+import { encodeConfigReply, encodeU64Reply } from "./messages.ts";
 import { VhostUserProtocolFeatureMask as PF, VhostUserRequest as R } from "./protocol.ts";
 
 /** Handlers of the device requests, by request id. */
@@ -54,7 +54,9 @@ export const DEVICE_HANDLERS: ReadonlyMap<number, Handler> = new Map<number, Han
     return true;
   }],
   [R.CHECK_DEVICE_STATE, (ctx, msg) => {
-    ctx.replyU64(msg.request, ctx.stateChannel.check());
+    // The answer may wait for the load's EOF: no further message is read meanwhile.
+    const answer = ctx.holdReplies();
+    ctx.stateChannel.check((r) => answer(encodeU64Reply(msg.request, r)));
     return true;
   }],
 ]);

@@ -89,6 +89,7 @@ export class VsockDevice implements VirtioDevice {
   /** queues already reported broken */
   readonly #brokenReported = new WeakSet<SplitQueue>();
   readonly #badChainLog = new LogLimiter("vsock: invalid descriptor chains");
+  readonly #brokenLog = new LogLimiter("vsock: broken queues", 5, 5000, "error");
   /** TX stopped because too many replies are owed; RX draining resumes it */
   #txBlocked = false;
   #ackedFeatures = 0n;
@@ -261,7 +262,8 @@ export class VsockDevice implements VirtioDevice {
   #reportBroken(q: SplitQueue, which: string): void {
     if (q.broken === null || this.#brokenReported.has(q)) return;
     this.#brokenReported.add(q);
-    log.error(`vsock: ${which} queue broken: ${q.broken}`);
+    // A front end rebuilds rings at will (each rebuild is a new queue): limit the rate too.
+    if (this.#brokenLog.allow()) log.error(`vsock: ${which} queue broken: ${q.broken}`);
   }
 
   /** Returns an invalid chain with used len 0; the caller publishes it (`#txSignal` etc.). */

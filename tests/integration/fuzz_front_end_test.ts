@@ -17,12 +17,6 @@ Deno.test({
       ? Number(fromEnv)
       : crypto.getRandomValues(new Uint32Array(1))[0];
     const durationMs = Number(Deno.env.get("FUZZ_MS") ?? 5000);
-    // Defects the fuzzer found outside lib/vhost_user's request path (reported, owned by
-    // other changes): remove an entry to reproduce it.
-    await fuzzFrontEnd({
-      seed,
-      durationMs,
-      knownDefects: ["state-check-blocks", "unlimited-lines"],
-    });
+    await fuzzFrontEnd({ seed, durationMs });
   },
 });

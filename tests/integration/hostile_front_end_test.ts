@@ -25,7 +25,10 @@ import {
   VSOCK_VQ_TX,
 } from "../../lib/testing/mod.ts";
 import { decodeU64, encodeRequest, encodeU64 } from "../../lib/vhost_user/messages.ts";
-import { VhostUserRequest as R } from "../../lib/vhost_user/protocol.ts";
+import {
+  VhostUserProtocolFeatureMask as PF,
+  VhostUserRequest as R,
+} from "../../lib/vhost_user/protocol.ts";
 import { RawFrontEnd } from "../fuzz/raw_front_end.ts";
 
 /** `count` copies of the message `msg`, back to back. */
@@ -167,5 +170,49 @@ Deno.test({
       stderr = (await vm.stop()).stderr;
     }
     assert.doesNotMatch(stderr, /threw/, "an exception escaped to the reactor");
+  },
+});
+
+Deno.test({
+  name:
+    "CHECK_DEVICE_STATE on a load whose fd never reaches EOF does not block the reactor; it fails after its wait",
+  ...TIMEOUT,
+  fn: async () => {
+    await withBackend(async (backend) => {
+      const fe = new RawFrontEnd(backend.socketPath);
+      const [r, w] = pipe();
+      try {
+        const protocolFeatures = 1n << 30n;
+        assert.equal(fe.send(encodeRequest(R.SET_FEATURES, encodeU64(protocolFeatures))), "sent");
+        assert.equal(
+          fe.send(encodeRequest(R.SET_PROTOCOL_FEATURES, encodeU64(PF.DEVICE_STATE))),
+          "sent",
+        );
+        const transfer = new Uint8Array(8);
+        new DataView(transfer.buffer).setUint32(0, 1, true); // load, phase stopped
+        assert.equal(fe.send(encodeRequest(R.SET_DEVICE_STATE_FD, transfer), [r]), "sent");
+        assert.equal(fe.readUntil(R.SET_DEVICE_STATE_FD, 2000).outcome, "reply");
+        // The front end keeps the write end open: no EOF will come.
+        assert.equal(fe.send(encodeRequest(R.CHECK_DEVICE_STATE)), "sent");
+        // Meanwhile the reactor serves others: a host client with a bad line is closed at once.
+        const t0 = performance.now();
+        const host = await Deno.connect({ transport: "unix", path: backend.udsPath });
+        await host.write(new TextEncoder().encode("NOPE\n"));
+        const eof = await host.read(new Uint8Array(8)).catch(() => null);
+        const ms = performance.now() - t0;
+        host.close();
+        assert.equal(eof, null);
+        assert.ok(ms < 500, `the reactor was blocked: the bad client was closed after ${ms} ms`);
+        const check = fe.readUntil(R.CHECK_DEVICE_STATE, 3000);
+        assert.equal(check.outcome, "reply");
+        assert.notEqual(ackValue(check.replies.at(-1)!), 0n, "the load without EOF failed");
+        // The front end's next request is read and answered again.
+        assert.equal(fe.send(encodeRequest(R.GET_FEATURES)), "sent");
+        assert.equal(fe.readUntil(R.GET_FEATURES, 2000).outcome, "reply");
+      } finally {
+        close(w);
+        fe.close();
+      }
+    });
   },
 });

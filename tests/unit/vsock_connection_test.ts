@@ -34,7 +34,6 @@ import {
   VIRTIO_VSOCK_SHUTDOWN_F_BOTH,
   VIRTIO_VSOCK_SHUTDOWN_F_SEND,
   VIRTIO_VSOCK_TYPE_SEQPACKET,
-  VIRTIO_VSOCK_TYPE_STREAM,
 } from "../../lib/vsock/constants.ts";
 import { HeaderScratch, PacketHeader } from "../../lib/vsock/packet.ts";
 import { newDeviceStats } from "../../lib/vsock/stats.ts";

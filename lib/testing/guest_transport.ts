@@ -448,7 +448,9 @@ export class GuestTransport implements ConnDriver, DgramDriver {
       return;
     }
     if (seqpacket && !this.#negotiated(VIRTIO_VSOCK_F_SEQPACKET)) {
-      this.#anomaly(`SEQPACKET packet without VIRTIO_VSOCK_F_SEQPACKET: ${h.describe()}`);
+      this.#anomaly(
+        `packet of unsupported type (SEQPACKET, not negotiated): ${h.describe()}`,
+      );
       this.#resetNoSock(h);
       return;
     }

@@ -64,20 +64,23 @@ export async function within<T>(
   }
 }
 
+/** A guest to run commands on, and the backend whose log a failure quotes (if any). */
+export type GuestDiagnostics = Diagnostics & { vm: GuestVM };
+
 /** Rethrows a guest command failure with the backend log appended. */
-export async function guestOk(d: Required<Diagnostics>, cmd: string, ms = GUEST_CMD_TIMEOUT_MS) {
+export async function guestOk(d: GuestDiagnostics, cmd: string, ms = GUEST_CMD_TIMEOUT_MS) {
   try {
     return await d.vm.runOk(cmd, ms);
   } catch (e) {
-    throw new Error(`${(e as Error).message}\n${d.backend.logTail(3000)}`);
+    throw new Error(`${(e as Error).message}\n${d.backend?.logTail(3000) ?? ""}`);
   }
 }
 
-export async function guestRun(d: Required<Diagnostics>, cmd: string, ms = GUEST_CMD_TIMEOUT_MS) {
+export async function guestRun(d: GuestDiagnostics, cmd: string, ms = GUEST_CMD_TIMEOUT_MS) {
   try {
     return await d.vm.run(cmd, ms);
   } catch (e) {
-    throw new Error(`${(e as Error).message}\n${d.backend.logTail(3000)}`);
+    throw new Error(`${(e as Error).message}\n${d.backend?.logTail(3000) ?? ""}`);
   }
 }
 
@@ -89,6 +92,8 @@ export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 export interface GuestProcess {
   pid: number;
+  /** guest file receiving its stdout and stderr */
+  log: string;
   /** kills its whole session (it runs in a session of its own) */
   stop(): Promise<void>;
   /** shell test: true while the process exists and is not a zombie */
@@ -96,10 +101,11 @@ export interface GuestProcess {
 }
 
 /** Starts a background guest command (see `GuestVM.spawn`). */
-export async function guestSpawn(d: Required<Diagnostics>, cmd: string): Promise<GuestProcess> {
-  const { pid } = await d.vm.spawn(cmd);
+export async function guestSpawn(d: GuestDiagnostics, cmd: string): Promise<GuestProcess> {
+  const { pid, log } = await d.vm.spawn(cmd);
   return {
     pid,
+    log,
     stop: async () => {
       await d.vm.run(`kill -9 -- -${pid} 2>/dev/null; kill -9 ${pid} 2>/dev/null; true`)
         .catch(() => {});

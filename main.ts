@@ -8,7 +8,7 @@
 import { capabilitiesJson } from "./lib/capabilities.ts";
 import { ConfigError, parseArgs, USAGE, VERSION } from "./lib/config.ts";
 import { log } from "./lib/log.ts";
-import { startDaemon } from "./lib/supervisor.ts";
+import { type RunningDaemon, startDaemon } from "./lib/supervisor.ts";
 
 async function main(argv: string[]): Promise<number> {
   let config;
@@ -34,7 +34,18 @@ async function main(argv: string[]): Promise<number> {
     return 0;
   }
   log.setLevel(config.logLevel);
-  let daemon;
+  // Signals are taken from the start: one that arrives while the sockets are being created
+  // stops the daemon as soon as it is up (instead of killing the process with the socket
+  // files left behind).
+  let stopRequested: string | null = null;
+  let daemon: RunningDaemon | null = null;
+  const stop = (sig: string) => {
+    log.info(`${sig}: shutting down`);
+    stopRequested = sig;
+    daemon?.stop();
+  };
+  Deno.addSignalListener("SIGINT", () => stop("SIGINT"));
+  Deno.addSignalListener("SIGTERM", () => stop("SIGTERM"));
   try {
     daemon = await startDaemon(config);
   } catch (e) {
@@ -48,12 +59,7 @@ async function main(argv: string[]): Promise<number> {
       }, host side ${vm.udsPath}`,
     );
   }
-  const stop = (sig: string) => {
-    log.info(`${sig}: shutting down`);
-    daemon.stop();
-  };
-  Deno.addSignalListener("SIGINT", () => stop("SIGINT"));
-  Deno.addSignalListener("SIGTERM", () => stop("SIGTERM"));
+  if (stopRequested !== null) daemon.stop();
   await daemon.stopped;
   log.info("stopped");
   return 0;

@@ -7,3 +7,4 @@ export * from "./socket.ts";
 export * from "./memory.ts";
 export * from "./events.ts";
 export * from "./process.ts";
+export * from "./message.ts";

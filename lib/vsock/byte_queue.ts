@@ -52,6 +52,15 @@ export class ByteQueue {
     }
   }
 
+  /** Drops the `n` newest bytes (an incomplete message the peer will never finish). */
+  dropTail(n: number): void {
+    this.#tail -= Math.min(n, this.length);
+    if (this.#head === this.#tail) {
+      this.#head = 0;
+      this.#tail = 0;
+    }
+  }
+
   /** Frees the storage. */
   clear(): void {
     this.#buf = null;

@@ -34,6 +34,7 @@
 import {
   close,
   EAGAIN,
+  EMSGSIZE,
   EPOLLET,
   EPOLLHUP,
   EPOLLIN,
@@ -47,6 +48,7 @@ import {
   writeRaw,
   writevRaw,
 } from "../../ffi/mod.ts";
+import { type MessageIo, MSG_PEEK, MSG_TRUNC } from "../../ffi/message.ts";
 import { log } from "../log.ts";
 import type { Reactor, Timer } from "../reactor.ts";
 import type { DescChain } from "../virtio/desc_chain.ts";
@@ -64,14 +66,17 @@ import {
   VIRTIO_VSOCK_OP_RST,
   VIRTIO_VSOCK_OP_RW,
   VIRTIO_VSOCK_OP_SHUTDOWN,
+  VIRTIO_VSOCK_SEQ_EOM,
   VIRTIO_VSOCK_SHUTDOWN_F_BOTH,
   VIRTIO_VSOCK_SHUTDOWN_F_RECEIVE,
   VIRTIO_VSOCK_SHUTDOWN_F_SEND,
+  VIRTIO_VSOCK_TYPE_SEQPACKET,
   VIRTIO_VSOCK_TYPE_STREAM,
   VSOCK_HOST_CID,
 } from "./constants.ts";
 import { Credit } from "./credit.ts";
 import type { PacketHeader } from "./packet.ts";
+import type { RxFlow } from "./rx_scheduler.ts";
 import type { DeviceStats } from "./stats.ts";
 import type { TxGather } from "./tx_gather.ts";
 
@@ -93,6 +98,11 @@ export const Pending = {
   CREDIT_REQUEST: 32,
 } as const;
 
+/** A buffer for the zero-length iovec of a message-size peek. */
+const PEEK_BYTE = new Uint8Array(1);
+/** poll(2) event: the peer shut down its writing side. */
+const POLLRDHUP = 0x2000;
+
 /** Owed packets that carry only a header and need no data before them. */
 const HEADER_ONLY_FIRST = Pending.RST | Pending.REQUEST | Pending.RESPONSE |
   Pending.CREDIT_UPDATE | Pending.CREDIT_REQUEST;
@@ -105,6 +115,8 @@ export interface ConnectionContext {
   readonly gather: TxGather;
   /** scratch iovec array for one packet's readv/writev */
   readonly iov: BigUint64Array;
+  /** message I/O for seqpacket host sockets */
+  readonly msgIo: MessageIo;
   /** the header `fillRx` fills; written into the chain by `emit` */
   readonly header: PacketHeader;
   /** writes `header` at the start of the chain's writable part */
@@ -121,7 +133,7 @@ export interface ConnectionContext {
   logFault(msg: string): void;
 }
 
-export class VsockConnection {
+export class VsockConnection implements RxFlow {
   state: ConnState;
   readonly credit: Credit;
   /** guest -> host bytes the host socket has not taken yet */
@@ -147,10 +159,21 @@ export class VsockConnection {
   closeWhenFlushed = false;
   /** queued in the RX scheduler */
   inRxQueue = false;
+  /** RX scheduler: bytes left in this round */
+  deficit = 0;
+  /** RX scheduler: share of the guest's rx queue (`--rx-weight` of the guest port) */
+  weight = 1;
   /** connect timeout (host-initiated) or close-drain timeout */
   timer: Timer | null = null;
   /** for logs and snapshots */
   readonly hostInitiated: boolean;
+  /** seqpacket: lengths of the complete guest messages queued in `toHost`, oldest first */
+  readonly #toHostMessages: number[] = [];
+  /** seqpacket: bytes of the guest message still being received (no EOM yet) in `toHost` */
+  #partialMessage = 0;
+  /** seqpacket: the host message being delivered to the guest, and how far */
+  #outMessage: Uint8Array | null = null;
+  #outOffset = 0;
 
   constructor(
     readonly ctx: ConnectionContext,
@@ -160,6 +183,8 @@ export class VsockConnection {
     state: ConnState,
     bufAlloc: number,
     hostInitiated: boolean,
+    /** VIRTIO_VSOCK_TYPE_STREAM or VIRTIO_VSOCK_TYPE_SEQPACKET */
+    readonly type: number = VIRTIO_VSOCK_TYPE_STREAM,
   ) {
     this.state = state;
     this.credit = new Credit(bufAlloc);
@@ -172,12 +197,18 @@ export class VsockConnection {
     return this.state === ConnState.CLOSED;
   }
 
+  /** Closed and owing nothing: the RX scheduler drops it. */
+  get done(): boolean {
+    return this.state === ConnState.CLOSED && (this.pending & Pending.RST) === 0;
+  }
+
   /** Host bytes are owed to the guest and its credit allows some (early bytes or a readable
    * socket, the guest still receiving). */
   #owesData(): boolean {
     if (this.state !== ConnState.ESTABLISHED) return false;
     if ((this.guestShutdown & VIRTIO_VSOCK_SHUTDOWN_F_RECEIVE) !== 0) return false;
     if (this.credit.peerFree() <= 0) return false;
+    if (this.#outMessage !== null) return true;
     return this.fromHost !== null || (this.hostReadable && !this.hostEof);
   }
 
@@ -213,7 +244,7 @@ export class VsockConnection {
     this.credit.updateFromPeer(h.bufAlloc, h.fwdCnt);
     switch (h.op) {
       case VIRTIO_VSOCK_OP_RW:
-        this.#guestData(chain, h.len);
+        this.#guestData(chain, h.len, h.flags);
         break;
       case VIRTIO_VSOCK_OP_RESPONSE:
         this.#guestAccepted();
@@ -268,8 +299,8 @@ export class VsockConnection {
     if (this.hasRxWork()) this.ctx.scheduleRx(this);
   }
 
-  #guestData(chain: DescChain, len: number): void {
-    if (len === 0) return;
+  #guestData(chain: DescChain, len: number, flags: number): void {
+    if (len === 0 && this.type !== VIRTIO_VSOCK_TYPE_SEQPACKET) return;
     if (
       this.state !== ConnState.ESTABLISHED || this.hostFd < 0 ||
       (this.guestShutdown & VIRTIO_VSOCK_SHUTDOWN_F_SEND) !== 0
@@ -284,6 +315,10 @@ export class VsockConnection {
       return;
     }
     this.ctx.stats.txBytes += len;
+    if (this.type === VIRTIO_VSOCK_TYPE_SEQPACKET) {
+      this.#guestMessageData(chain, len, flags);
+      return;
+    }
     if (this.toHost.length === 0 && !this.hostWriteShut) {
       if (this.ctx.gather.add(this, chain, len)) return;
       const iov = this.ctx.iov;
@@ -300,6 +335,50 @@ export class VsockConnection {
       chain.readInto(dst, VIRTIO_VSOCK_HDR_SIZE);
       this.toHost.commit(len);
     }
+  }
+
+  /**
+   * Seqpacket: the guest's packets are collected in `toHost` until the one with EOM, then the
+   * whole message goes to the host socket as one record. The credit we gave bounds what can
+   * wait (Linux refuses to send a message larger than our buf_alloc).
+   */
+  #guestMessageData(chain: DescChain, len: number, flags: number): void {
+    if (len > 0) {
+      const dst = this.#queueToHost(len);
+      if (dst === null) return;
+      chain.readInto(dst, VIRTIO_VSOCK_HDR_SIZE);
+      this.toHost.commit(len);
+      this.#partialMessage += len;
+    }
+    if ((flags & VIRTIO_VSOCK_SEQ_EOM) === 0) return;
+    this.#toHostMessages.push(this.#partialMessage);
+    this.#partialMessage = 0;
+    if (this.#toHostMessages.length === 1) this.#flushMessages();
+  }
+
+  /** Seqpacket: sends the complete queued messages, one record each; false if some wait. */
+  #flushMessages(): boolean {
+    const io = this.ctx.msgIo;
+    while (this.#toHostMessages.length > 0) {
+      const len = this.#toHostMessages[0];
+      io.setIov(0, this.toHost.peek(), len);
+      const n = io.send(this.hostFd, 1);
+      if (n === -EAGAIN) return false;
+      if (n < 0) {
+        this.ctx.logFault(
+          n === -EMSGSIZE
+            ? `vsock: a ${len}-byte guest message is larger than the host socket of ` +
+              `${this.describe()} takes in one record; resetting`
+            : `vsock: host app of ${this.describe()} closed (errno ${-n}); resetting`,
+        );
+        this.reset();
+        return false;
+      }
+      this.toHost.consume(len);
+      this.#toHostMessages.shift();
+      this.#forwarded(len);
+    }
+    return true;
   }
 
   /**
@@ -341,7 +420,15 @@ export class VsockConnection {
 
   /** The host socket is writable again: drain what the guest sent meanwhile. */
   flushToHost(): void {
-    while (this.toHost.length > 0) {
+    if (this.type === VIRTIO_VSOCK_TYPE_SEQPACKET) {
+      if (!this.#flushMessages() || this.closed) return;
+      if (this.#partialMessage > 0 && (this.guestShutdown & VIRTIO_VSOCK_SHUTDOWN_F_SEND) !== 0) {
+        // The guest stopped sending in the middle of a message: it will never end.
+        this.toHost.dropTail(this.#partialMessage);
+        this.#partialMessage = 0;
+      }
+    }
+    while (this.toHost.length > 0 && this.type !== VIRTIO_VSOCK_TYPE_SEQPACKET) {
       const data = this.toHost.peek();
       const n = writeRaw(this.hostFd, data, data.length);
       if (n === -EAGAIN) return;
@@ -462,7 +549,7 @@ export class VsockConnection {
     h.srcPort = this.localPort;
     h.dstPort = this.peerPort;
     h.len = len;
-    h.type = VIRTIO_VSOCK_TYPE_STREAM;
+    h.type = this.type;
     h.op = op;
     h.flags = flags;
     if (op !== VIRTIO_VSOCK_OP_RST) {
@@ -527,6 +614,7 @@ export class VsockConnection {
    * checked `#owesData()`); -1 if the socket had nothing after all.
    */
   #fillData(chain: DescChain, room: number): number {
+    if (this.type === VIRTIO_VSOCK_TYPE_SEQPACKET) return this.#fillMessage(chain, room);
     const max = Math.min(room, this.credit.peerFree(), MAX_PKT_PAYLOAD);
     let n: number;
     if (this.fromHost !== null) {
@@ -543,17 +631,7 @@ export class VsockConnection {
         return -1;
       }
       if (n === 0) {
-        // Host EOF: a half-close toward the guest (SHUTDOWN with SEND only), or a full
-        // close when the app closed its socket (SHUTDOWN with both flags; see #hostGone).
-        this.hostReadable = false;
-        this.hostEof = true;
-        // The HUP may not have been reported yet when the EOF is read: ask the socket.
-        if (!this.hostHup) this.hostHup = (pollFds([this.hostFd], [0], 0)[0] & POLLHUP) !== 0;
-        this.shutdownFlagsToSend = this.hostHup
-          ? VIRTIO_VSOCK_SHUTDOWN_F_BOTH
-          : VIRTIO_VSOCK_SHUTDOWN_F_SEND;
-        this.pending |= Pending.SHUTDOWN;
-        if (log.debugOn) log.debug(`vsock: host EOF on ${this.describe()}`);
+        this.#hostEofSeen();
         return -1;
       }
       if (n < 0) {
@@ -570,6 +648,92 @@ export class VsockConnection {
     this.initHeader(VIRTIO_VSOCK_OP_RW, 0, n);
     this.ctx.emit(chain);
     return VIRTIO_VSOCK_HDR_SIZE + n;
+  }
+
+  /**
+   * Host EOF: a half-close toward the guest (SHUTDOWN with SEND only), or a full close when
+   * the app closed its socket (SHUTDOWN with both flags; see #hostGone).
+   */
+  #hostEofSeen(): void {
+    this.hostReadable = false;
+    this.hostEof = true;
+    // The HUP may not have been reported yet when the EOF is read: ask the socket.
+    if (!this.hostHup) this.hostHup = (pollFds([this.hostFd], [0], 0)[0] & POLLHUP) !== 0;
+    this.shutdownFlagsToSend = this.hostHup
+      ? VIRTIO_VSOCK_SHUTDOWN_F_BOTH
+      : VIRTIO_VSOCK_SHUTDOWN_F_SEND;
+    this.pending |= Pending.SHUTDOWN;
+    if (log.debugOn) log.debug(`vsock: host EOF on ${this.describe()}`);
+  }
+
+  /**
+   * Seqpacket: the next part of the host message being delivered (reading the next message
+   * whole from the host socket first), EOM on its last part. One host send() is one guest
+   * message; AF_UNIX carries no MSG_EOR, so SEQ_EOR is never set here.
+   */
+  #fillMessage(chain: DescChain, room: number): number {
+    if (this.#outMessage === null) {
+      if (this.fromHost !== null) { // the rest of the CONNECT message
+        this.#outMessage = this.fromHost;
+        this.fromHost = null;
+      } else if (!this.#readMessage()) {
+        return -1;
+      }
+      this.#outOffset = 0;
+    }
+    const msg = this.#outMessage!;
+    const left = msg.length - this.#outOffset;
+    const n = Math.min(room, this.credit.peerFree(), MAX_PKT_PAYLOAD, left);
+    if (n <= 0 && left > 0) return -1;
+    chain.writeFrom(msg.subarray(this.#outOffset, this.#outOffset + n), VIRTIO_VSOCK_HDR_SIZE);
+    this.#outOffset += n;
+    const last = this.#outOffset >= msg.length;
+    if (last) this.#outMessage = null;
+    this.credit.consumeTx(n);
+    this.ctx.stats.rxBytes += n;
+    this.initHeader(VIRTIO_VSOCK_OP_RW, last ? VIRTIO_VSOCK_SEQ_EOM : 0, n);
+    this.ctx.emit(chain);
+    return VIRTIO_VSOCK_HDR_SIZE + n;
+  }
+
+  /** Seqpacket: reads the next host message whole into `#outMessage`; false if none. */
+  #readMessage(): boolean {
+    const io = this.ctx.msgIo;
+    io.setIov(0, PEEK_BYTE, 0);
+    const size = io.recv(this.hostFd, 1, MSG_PEEK | MSG_TRUNC);
+    if (size === -EAGAIN) {
+      this.hostReadable = false;
+      return false;
+    }
+    if (size < 0) {
+      this.ctx.logEvent(
+        `vsock: host socket error on ${this.describe()} (errno ${-size}); resetting`,
+      );
+      this.reset();
+      return false;
+    }
+    if (size === 0 && (pollFds([this.hostFd], [0], 0)[0] & (POLLHUP | POLLRDHUP)) !== 0) {
+      this.#hostEofSeen();
+      return false;
+    }
+    if (size > this.credit.peerBufAlloc) {
+      this.ctx.logFault(
+        `vsock: a ${size}-byte host message is larger than the guest's buffer ` +
+          `(${this.credit.peerBufAlloc}) on ${this.describe()}; resetting`,
+      );
+      this.reset();
+      return false;
+    }
+    const msg = new Uint8Array(size);
+    io.setIov(0, msg);
+    const n = io.recv(this.hostFd, 1);
+    if (n !== size) {
+      this.ctx.logEvent(`vsock: host message read failed on ${this.describe()}; resetting`);
+      this.reset();
+      return false;
+    }
+    this.#outMessage = msg;
+    return true;
   }
 
   // --- teardown ------------------------------------------------------------------------------

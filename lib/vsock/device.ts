@@ -48,6 +48,8 @@ import {
   VIRTIO_VSOCK_CONFIG_SIZE,
   VIRTIO_VSOCK_EVENT_SIZE,
   VIRTIO_VSOCK_EVENT_TRANSPORT_RESET,
+  VIRTIO_VSOCK_F_DGRAM,
+  VIRTIO_VSOCK_F_SEQPACKET,
   VIRTIO_VSOCK_F_STREAM,
   VIRTIO_VSOCK_HDR_SIZE,
   VSOCK_VQ_EVENT,
@@ -69,9 +71,7 @@ export class VsockDevice implements VirtioDevice {
   readonly name: string;
   readonly maxQueues = 3;
   readonly maxQueueSize: number;
-  readonly features: bigint = VIRTIO_F_VERSION_1_MASK | VIRTIO_RING_F_EVENT_IDX_MASK |
-    VIRTIO_RING_F_INDIRECT_DESC_MASK | VIRTIO_F_NOTIFY_ON_EMPTY_MASK |
-    featureMask(VIRTIO_VSOCK_F_STREAM);
+  readonly features: bigint;
   readonly protocolFeatures: bigint = PF.CONFIG | PF.DEVICE_STATE;
   readonly stats: DeviceStats = newDeviceStats();
   readonly muxer: VsockMuxer;
@@ -97,6 +97,11 @@ export class VsockDevice implements VirtioDevice {
 
   constructor(readonly options: VsockDeviceOptions) {
     this.name = `vsock(cid ${options.guestCid})`;
+    // Streams and seqpacket always; datagrams (not in the virtio spec) only when asked for.
+    this.features = VIRTIO_F_VERSION_1_MASK | VIRTIO_RING_F_EVENT_IDX_MASK |
+      VIRTIO_RING_F_INDIRECT_DESC_MASK | VIRTIO_F_NOTIFY_ON_EMPTY_MASK |
+      featureMask(VIRTIO_VSOCK_F_STREAM) | featureMask(VIRTIO_VSOCK_F_SEQPACKET) |
+      (options.datagrams ? featureMask(VIRTIO_VSOCK_F_DGRAM) : 0n);
     this.maxQueueSize = options.queueSize;
     this.#rxChain = new DescChain(Math.max(options.queueSize, 1024) * 2);
     this.#txChain = new DescChain(Math.max(options.queueSize, 1024) * 2);
@@ -305,6 +310,7 @@ export class VsockDevice implements VirtioDevice {
       }
       q.pushUsed(chain.head, len);
       this.#rxSignal = true;
+      this.stats.rxPackets++;
       produced++;
     }
     muxer.scheduler.compact();

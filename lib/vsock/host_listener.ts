@@ -2,7 +2,8 @@
  * The host side of hybrid vsock (Firecracker's protocol, shared by vhost-device-vsock): host
  * applications reach the guest through one Unix socket, `<uds_path>`.
  *
- * A host app connects to `<uds_path>` and writes `CONNECT <port>\n`. The line may arrive in
+ * A host app connects to `<uds_path>` and writes `CONNECT <port>\n` (a seqpacket app connects
+ * a SOCK_SEQPACKET socket to `<uds_path>.seqpacket` and sends the line as its first message). The line may arrive in
  * pieces; bytes sent right after it are kept and delivered to the guest as the first data of
  * the connection. Once the line is complete the device asks the guest (REQUEST); the app gets
  * `OK <host-port>\n` when the guest accepts, or the socket is closed on refusal or timeout. A
@@ -18,7 +19,7 @@
  *   complete within a reactor batch or two of their accept;
  * - every log line a client can trigger goes through a LogLimiter.
  */
-import { close, EAGAIN, EPOLLIN, listenUnix, readRaw } from "../../ffi/mod.ts";
+import { close, EAGAIN, EPOLLIN, listenUnix, readRaw, SOCK_STREAM } from "../../ffi/mod.ts";
 import { Acceptor, MAX_ACCEPTS_PER_WAKEUP } from "../acceptor.ts";
 import { log, LogLimiter } from "../log.ts";
 import type { Reactor, Timer } from "../reactor.ts";
@@ -35,7 +36,10 @@ const HANDSHAKE_READ = 4096;
  */
 export const MAX_PENDING_HANDSHAKES = 4 * MAX_ACCEPTS_PER_WAKEUP;
 
-/** What the device does with a completed CONNECT line. */
+/**
+ * What the device does with a completed CONNECT line: `earlyData` is what followed the line
+ * (for a seqpacket client: the rest of the line's message, or null).
+ */
 export type ConnectHandler = (fd: number, port: number, earlyData: Uint8Array | null) => void;
 
 interface Handshake {
@@ -65,10 +69,12 @@ export class HostListener {
     readonly path: string,
     readonly onConnect: ConnectHandler,
     readonly timeoutMs: number,
+    /** SOCK_STREAM (`<uds_path>`) or SOCK_SEQPACKET (`<uds_path>.seqpacket`) */
+    readonly socketType: number = SOCK_STREAM,
   ) {}
 
   listen(): void {
-    this.#fd = listenUnix(this.path);
+    this.#fd = listenUnix(this.path, { type: this.socketType });
     this.#acceptor = new Acceptor(
       this.reactor,
       this.#fd,

@@ -19,24 +19,35 @@
  * Rx buffers are shared out by the RX scheduler (`rx_scheduler.ts`): orphan RSTs first,
  * then sibling packets and connections taking turns.
  */
-import { close, connectUnix, SysError } from "../../ffi/mod.ts";
+import {
+  close,
+  connectUnix,
+  MessageIo,
+  setSockOptInt,
+  SO_SNDBUF,
+  SOCK_SEQPACKET,
+  SOCK_STREAM,
+  SysError,
+} from "../../ffi/mod.ts";
 import { log, LogLimiter } from "../log.ts";
 import type { Reactor } from "../reactor.ts";
 import type { DescChain } from "../virtio/desc_chain.ts";
 import { ConnectionTable } from "./connection_table.ts";
 import { type ConnectionContext, ConnState, Pending, VsockConnection } from "./connection.ts";
 import {
+  DEFAULT_BUF_ALLOC,
   opName,
   VIRTIO_VSOCK_HDR_SIZE,
   VIRTIO_VSOCK_OP_REQUEST,
   VIRTIO_VSOCK_OP_RST,
   VIRTIO_VSOCK_OP_RW,
+  VIRTIO_VSOCK_TYPE_SEQPACKET,
   VIRTIO_VSOCK_TYPE_STREAM,
   VSOCK_HOST_CID,
 } from "./constants.ts";
 import { HostListener } from "./host_listener.ts";
 import { HeaderError, HeaderScratch, type PacketHeader, validateHeader } from "./packet.ts";
-import { RxScheduler } from "./rx_scheduler.ts";
+import { type RxFlow, RxScheduler } from "./rx_scheduler.ts";
 import { type SiblingEndpoint, SiblingHub, type SiblingPacket } from "./sibling_hub.ts";
 import { SiblingInbox } from "./sibling_inbox.ts";
 import type { DeviceStats } from "./stats.ts";
@@ -57,7 +68,14 @@ export interface VsockDeviceOptions {
   groups?: readonly string[];
   /** the daemon's switch between sibling VMs */
   hub?: SiblingHub;
+  /** offer datagram sockets (`--dgram`: VIRTIO_VSOCK_F_DGRAM, feature bit 3) */
+  datagrams?: boolean;
+  /** RX scheduler weight per guest port (`--rx-weight PORT=N`); others weigh 1 */
+  rxWeights?: ReadonlyMap<number, number>;
 }
+
+/** Suffix of the seqpacket twin of `<uds_path>` (host-initiated seqpacket connections). */
+export const SEQPACKET_SUFFIX = ".seqpacket";
 
 /** Most iovecs one packet's payload may use. */
 const MAX_IOV = 64;
@@ -70,14 +88,14 @@ export class VsockMuxer implements ConnectionContext, SiblingEndpoint {
   reactor!: Reactor;
   readonly gather: TxGather = new TxGather();
   readonly iov: BigUint64Array = new BigUint64Array(2 * MAX_IOV);
+  readonly msgIo: MessageIo = new MessageIo();
   readonly scratch: HeaderScratch = new HeaderScratch();
   readonly header: PacketHeader = this.scratch.h;
   readonly scheduler: RxScheduler = new RxScheduler();
-  readonly #inbox = new SiblingInbox();
+  readonly #inbox: SiblingInbox;
   readonly #conns = new ConnectionTable();
   #host: HostListener | null = null;
-  /** alternates RX turns between sibling packets and host connections */
-  #siblingTurn = false;
+  #seqpacketHost: HostListener | null = null;
   /** malformed packets seen */
   #badPackets = 0;
   readonly #eventLog = new LogLimiter("vsock: connection events", 50, 5000, "info");
@@ -93,7 +111,14 @@ export class VsockMuxer implements ConnectionContext, SiblingEndpoint {
     readonly stats: DeviceStats,
     /** asks the device to run its rx loop at the end of this reactor batch */
     readonly requestRx: () => void,
-  ) {}
+  ) {
+    this.#inbox = new SiblingInbox(options.guestCid, this.scratch, (f) => this.#scheduleFlow(f));
+  }
+
+  #scheduleFlow(f: RxFlow): void {
+    this.scheduler.schedule(f);
+    this.requestRx();
+  }
 
   get guestCid(): number {
     return this.options.guestCid;
@@ -113,10 +138,18 @@ export class VsockMuxer implements ConnectionContext, SiblingEndpoint {
     this.#host = new HostListener(
       reactor,
       this.options.udsPath,
-      (fd, port, early) => this.#hostConnect(fd, port, early),
+      (fd, port, early) => this.#hostConnect(fd, port, early, VIRTIO_VSOCK_TYPE_STREAM),
       this.options.connectTimeoutMs,
     );
     this.#host.listen();
+    this.#seqpacketHost = new HostListener(
+      reactor,
+      `${this.options.udsPath}${SEQPACKET_SUFFIX}`,
+      (fd, port, early) => this.#hostConnect(fd, port, early, VIRTIO_VSOCK_TYPE_SEQPACKET),
+      this.options.connectTimeoutMs,
+      SOCK_SEQPACKET,
+    );
+    this.#seqpacketHost.listen();
     this.options.hub?.register(this);
   }
 
@@ -124,15 +157,13 @@ export class VsockMuxer implements ConnectionContext, SiblingEndpoint {
 
   emit(chain: DescChain): void {
     this.scratch.writeTo(chain);
-    this.stats.rxPackets++;
     if (log.traceOn) {
       log.trace(`vsock: rx ${this.header.describe()} op=${opName(this.header.op)}`);
     }
   }
 
   scheduleRx(c: VsockConnection): void {
-    this.scheduler.schedule(c);
-    this.requestRx();
+    this.#scheduleFlow(c);
   }
 
   forget(c: VsockConnection): void {
@@ -178,7 +209,7 @@ export class VsockMuxer implements ConnectionContext, SiblingEndpoint {
       if (h.op !== VIRTIO_VSOCK_OP_RST) this.orphanReset(h);
       return;
     }
-    if (h.type !== VIRTIO_VSOCK_TYPE_STREAM) {
+    if (h.type !== VIRTIO_VSOCK_TYPE_STREAM && h.type !== VIRTIO_VSOCK_TYPE_SEQPACKET) {
       if (log.debugOn) log.debug(`vsock: unsupported socket type ${h.type}; RST`);
       if (h.op !== VIRTIO_VSOCK_OP_RST) this.orphanReset(h);
       return;
@@ -188,7 +219,10 @@ export class VsockMuxer implements ConnectionContext, SiblingEndpoint {
       return;
     }
     const c = this.#conns.get(h.dstPort, h.srcPort);
-    if (c !== undefined) c.onGuestPacket(h, chain);
+    if (c !== undefined && c.type !== h.type) {
+      // A packet of another socket type on this connection's ports: not for it.
+      if (h.op !== VIRTIO_VSOCK_OP_RST) this.orphanReset(h);
+    } else if (c !== undefined) c.onGuestPacket(h, chain);
     else if (h.op === VIRTIO_VSOCK_OP_REQUEST) this.#guestConnect(h);
     else if (h.op !== VIRTIO_VSOCK_OP_RST) this.orphanReset(h);
   }
@@ -204,9 +238,12 @@ export class VsockMuxer implements ConnectionContext, SiblingEndpoint {
       return;
     }
     const path = `${this.options.udsPath}_${port}`;
+    const seqpacket = h.type === VIRTIO_VSOCK_TYPE_SEQPACKET;
     let fd: number;
     try {
-      fd = connectUnix(path);
+      // A seqpacket service listens with SOCK_SEQPACKET at the same path; a stream listener
+      // there refuses it (EPROTOTYPE), and so does the guest's connect (RST).
+      fd = connectUnix(path, { type: seqpacket ? SOCK_SEQPACKET : SOCK_STREAM });
     } catch (e) {
       const code = e instanceof SysError ? e.code : String(e);
       this.logEvent(`vsock: guest port ${h.srcPort} -> host port ${port}: ${path}: ${code}; RST`);
@@ -219,8 +256,9 @@ export class VsockMuxer implements ConnectionContext, SiblingEndpoint {
       h.srcPort,
       fd,
       ConnState.ESTABLISHED,
-      this.options.txBufferSize,
+      this.#bufAlloc(h.type, fd),
       false,
+      h.type,
     );
     c.credit.updateFromPeer(h.bufAlloc, h.fwdCnt);
     this.#add(c);
@@ -243,8 +281,22 @@ export class VsockMuxer implements ConnectionContext, SiblingEndpoint {
 
   // --- host -> guest -------------------------------------------------------------------------
 
-  /** A host app completed `CONNECT <port>`: ask the guest. */
-  #hostConnect(fd: number, port: number, early: Uint8Array | null): void {
+  /**
+   * The buffer we advertise for a new connection. A seqpacket message must fit in it whole
+   * (Linux refuses larger ones with EMSGSIZE), so seqpacket gets at least Linux's default;
+   * the host socket's send buffer is raised to match, so such a message fits one record.
+   */
+  #bufAlloc(type: number, fd: number): number {
+    if (type !== VIRTIO_VSOCK_TYPE_SEQPACKET) return this.options.txBufferSize;
+    const size = Math.max(this.options.txBufferSize, DEFAULT_BUF_ALLOC);
+    try {
+      setSockOptInt(fd, SO_SNDBUF, 2 * size); // the kernel caps it at wmem_max
+    } catch { /* keep the default */ }
+    return size;
+  }
+
+  /** A host app completed `CONNECT <port>` (on the stream or the seqpacket socket). */
+  #hostConnect(fd: number, port: number, early: Uint8Array | null, type: number): void {
     if (this.#conns.size >= this.options.maxConnections) {
       this.logFault(
         `vsock: connection limit (${this.options.maxConnections}) reached; host app refused`,
@@ -259,8 +311,9 @@ export class VsockMuxer implements ConnectionContext, SiblingEndpoint {
       port,
       fd,
       ConnState.CONNECTING,
-      this.options.txBufferSize,
+      this.#bufAlloc(type, fd),
       true,
+      type,
     );
     c.fromHost = early;
     this.#add(c);
@@ -306,57 +359,26 @@ export class VsockMuxer implements ConnectionContext, SiblingEndpoint {
 
   /** Something is owed to the guest. */
   hasRxWork(): boolean {
-    return this.scheduler.orphanCount > 0 || this.scheduler.hasFlows || this.#inbox.hasWork;
-  }
-
-  /** Writes the next packet owed to the guest into `chain`; returns its length or -1. */
-  fillRx(chain: DescChain): number {
-    const orphan = this.scheduler.nextOrphan();
-    if (orphan !== undefined) {
-      const h = this.header;
-      h.reset();
-      h.srcCid = orphan.srcCid;
-      h.dstCid = this.options.guestCid;
-      h.srcPort = orphan.localPort;
-      h.dstPort = orphan.peerPort;
-      h.type = orphan.type;
-      h.op = VIRTIO_VSOCK_OP_RST;
-      this.emit(chain);
-      return VIRTIO_VSOCK_HDR_SIZE;
-    }
-    const siblings = this.#inbox.hasWork;
-    if (siblings && (this.#siblingTurn || !this.scheduler.hasFlows)) {
-      this.#siblingTurn = false;
-      return this.#fillFromSibling(chain);
-    }
-    this.#siblingTurn = siblings;
-    const len = this.#fillFromFlows(chain);
-    if (len >= 0) return len;
-    return siblings ? this.#fillFromSibling(chain) : -1;
+    return this.scheduler.orphanCount > 0 || this.scheduler.hasFlows;
   }
 
   /**
-   * The first queued connection that can use `chain` fills it; the ones that cannot keep
-   * their place. Each connection queued when the buffer came is visited at most once.
+   * Writes the next packet owed to the guest into `chain`: an orphan RST first, else what
+   * the RX scheduler picks. Returns its length or -1 (nothing could go into this buffer).
    */
-  #fillFromFlows(chain: DescChain): number {
-    const sched = this.scheduler;
-    const room = chain.writableLen - VIRTIO_VSOCK_HDR_SIZE;
-    let len = -1;
-    for (let budget = sched.queuedFlows; budget > 0 && len < 0; budget--) {
-      const c = sched.nextFlow()!;
-      if (c.closed && (c.pending & Pending.RST) === 0) continue;
-      if (!c.canSendInto(room)) {
-        sched.passOver(c);
-        continue;
-      }
-      len = c.fillRx(chain);
-      if (!c.closed || (c.pending & Pending.RST) !== 0) {
-        if (c.hasRxWork()) this.scheduleRx(c);
-      }
-    }
-    sched.restorePassedOver();
-    return len;
+  fillRx(chain: DescChain): number {
+    const orphan = this.scheduler.nextOrphan();
+    if (orphan === undefined) return this.scheduler.fill(chain);
+    const h = this.header;
+    h.reset();
+    h.srcCid = orphan.srcCid;
+    h.dstCid = this.options.guestCid;
+    h.srcPort = orphan.localPort;
+    h.dstPort = orphan.peerPort;
+    h.type = orphan.type;
+    h.op = VIRTIO_VSOCK_OP_RST;
+    this.emit(chain);
+    return VIRTIO_VSOCK_HDR_SIZE;
   }
 
   // --- sibling VMs ---------------------------------------------------------------------------
@@ -383,15 +405,7 @@ export class VsockMuxer implements ConnectionContext, SiblingEndpoint {
   }
 
   acceptFromSibling(p: SiblingPacket): boolean {
-    if (!this.#inbox.accept(p)) return false;
-    this.requestRx();
-    return true;
-  }
-
-  #fillFromSibling(chain: DescChain): number {
-    const n = this.#inbox.fill(chain, this.scratch, this.options.guestCid);
-    if (n >= 0) this.stats.rxPackets++;
-    return n;
+    return this.#inbox.accept(p);
   }
 
   // --- life cycle ----------------------------------------------------------------------------
@@ -434,6 +448,7 @@ export class VsockMuxer implements ConnectionContext, SiblingEndpoint {
   /** Stops serving host apps and leaves the sibling switch. */
   dispose(): void {
     this.#host?.close();
+    this.#seqpacketHost?.close();
     this.options.hub?.unregister(this);
   }
 }

@@ -1,26 +1,38 @@
 /**
  * The RX scheduler: who gets the guest's next rx buffer.
  *
- * The guest's rx queue is one shared resource for every flow toward it: each connection
- * owing packets (control packets, or host data within the guest's credit), the standalone
- * RSTs owed for guest packets that matched no connection ("orphan" RSTs), and the packets
- * sibling VMs sent. The scheduler keeps:
- * - a round-robin queue of connections owing packets: each visit emits one packet, then
- *   the connection goes to the back of the queue if it still owes more, so no connection
- *   starves another;
- * - a bounded queue of orphan RSTs (MAX_PENDING_RESETS); when it is full the device stops
- *   taking tx packets until the guest takes replies (back-pressure instead of memory).
+ * The guest's rx queue is one resource shared by every flow toward it: each stream or
+ * seqpacket connection owing packets, each host source of datagrams, each sibling VM, and
+ * the standalone RSTs owed for guest packets that matched no connection ("orphan" RSTs).
+ * Datagrams carry no credit, so without scheduling a datagram flood would starve every
+ * connection (the problem the 2022 vsock datagram RFC left to Linux's qdisc).
  *
- * Connections are queued at most once (`inRxQueue`), so the queue holds at most one entry
- * per connection. A connection that cannot use the buffer in hand (a header-only buffer
- * while it owes data) is passed over for that buffer and keeps its place (`passOver`,
- * `restorePassedOver`): one buffer visits each queued connection at most once, so a guest
+ * Flows are served by deficit round robin (Shreedhar and Varghese): each flow waiting in
+ * the queue gets RX_QUANTUM bytes (times its weight, `--rx-weight`) each time it reaches
+ * the head, sends packets while its deficit is positive (a packet may overdraw it; the
+ * overdraft is paid back in later rounds), then goes to the back. A flow with nothing
+ * more to send leaves the queue and forgets its deficit. So a bulk flow and a flow of tiny
+ * packets get the same bytes per round, whatever the guest's buffer sizes, and a flow
+ * waits at most one round for its turn. The quantum is small (one Linux rx buffer) so a
+ * waiting interactive flow gets a buffer after at most one buffer per other flow.
+ *
+ * Orphan RSTs go first, oldest first, from a bounded queue (MAX_PENDING_RESETS); when it is
+ * full the device stops taking tx packets until the guest takes replies (back-pressure
+ * instead of memory).
+ *
+ * A flow is queued at most once (`inRxQueue`). One rx buffer visits each queued flow at most
+ * once: a flow that cannot use the buffer in hand (say a header-only buffer while it owes
+ * data, see `canSendInto`) is passed over for that buffer and keeps its place, so a guest
  * posting buffers nobody can use costs one pass, never a loop.
  */
-import type { VsockConnection } from "./connection.ts";
+import type { DescChain } from "../virtio/desc_chain.ts";
+import { VIRTIO_VSOCK_HDR_SIZE } from "./constants.ts";
 
 /** Standalone RSTs (for packets that match no connection) owed to the guest, at most. */
 export const MAX_PENDING_RESETS = 1024;
+
+/** Bytes a flow may send per round of weight 1: one Linux rx buffer (4 KiB of payload). */
+export const RX_QUANTUM = 4096 + VIRTIO_VSOCK_HDR_SIZE;
 
 /** A reply owed for a packet that matched no connection. */
 export interface OrphanReset {
@@ -30,54 +42,107 @@ export interface OrphanReset {
   type: number;
 }
 
+/** Something that sends packets to the guest: a connection, a datagram source, a sibling. */
+export interface RxFlow {
+  /** in the scheduler's queue (managed by the scheduler) */
+  inRxQueue: boolean;
+  /** bytes left in this round (managed by the scheduler) */
+  deficit: number;
+  /** share of the rx queue relative to other flows (1 = RX_QUANTUM per round) */
+  readonly weight: number;
+  /** the flow is gone and owes nothing: drop it from the queue */
+  readonly done: boolean;
+  /** something to send right now */
+  hasRxWork(): boolean;
+  /** whether `fillRx` can use a buffer with `room` bytes after the header */
+  canSendInto(room: number): boolean;
+  /** writes the next packet into `chain`; returns its length, or -1 if none went in */
+  fillRx(chain: DescChain): number;
+}
+
 export class RxScheduler {
-  #flows: VsockConnection[] = [];
+  #flows: RxFlow[] = [];
   #head = 0;
-  /** connections passed over for the buffer in hand, in queue order */
-  readonly #passed: VsockConnection[] = [];
+  /** flows passed over for the buffer in hand, in queue order */
+  readonly #passed: RxFlow[] = [];
   #orphans: OrphanReset[] = [];
   #orphanHead = 0;
 
-  /** Queues `c` (once) for an rx visit. */
-  schedule(c: VsockConnection): void {
-    if (!c.inRxQueue) {
-      c.inRxQueue = true;
-      this.#flows.push(c);
+  /** Queues `f` (once) for RX. */
+  schedule(f: RxFlow): void {
+    if (!f.inRxQueue) {
+      f.inRxQueue = true;
+      this.#flows.push(f);
     }
   }
 
-  /** Connections are waiting for a visit. */
+  /** Flows are waiting. */
   get hasFlows(): boolean {
     return this.#head < this.#flows.length;
   }
 
-  /** The next connection to visit (taken off the queue), or undefined. */
-  nextFlow(): VsockConnection | undefined {
-    if (this.#head >= this.#flows.length) return undefined;
-    const c = this.#flows[this.#head++];
-    c.inRxQueue = false;
-    return c;
-  }
-
-  /** Connections waiting for a visit. */
+  /** Flows waiting. */
   get queuedFlows(): number {
     return this.#flows.length - this.#head;
   }
 
-  /** `c` (just taken with `nextFlow`) cannot use the buffer in hand: it keeps its place. */
-  passOver(c: VsockConnection): void {
-    this.#passed.push(c);
+  /**
+   * Fills `chain` from the flows by deficit round robin; returns the packet's length, or -1
+   * if no queued flow could use this buffer (each was visited once; all keep their place).
+   */
+  fill(chain: DescChain): number {
+    const room = chain.writableLen - VIRTIO_VSOCK_HDR_SIZE;
+    let len = -1;
+    for (let budget = this.queuedFlows; budget > 0 && this.hasFlows; budget--) {
+      const f = this.#flows[this.#head];
+      if (f.done) {
+        this.#dequeue();
+        continue;
+      }
+      if (f.deficit <= 0) {
+        f.deficit += RX_QUANTUM * f.weight;
+        if (f.deficit <= 0) { // still paying back an overdraft: skip this round
+          this.#toBack();
+          continue;
+        }
+      }
+      if (!f.canSendInto(room)) { // keeps its place and its deficit
+        this.#head++;
+        f.inRxQueue = false;
+        this.#passed.push(f);
+        continue;
+      }
+      len = f.fillRx(chain);
+      if (len > 0) f.deficit -= len;
+      if (!f.hasRxWork() || f.done) this.#dequeue();
+      else if (f.deficit <= 0 || len < 0) this.#toBack();
+      if (len >= 0) break;
+    }
+    this.#restorePassedOver();
+    return len;
   }
 
-  /** Puts the connections passed over back at the head of the queue, in their order. */
-  restorePassedOver(): void {
+  /** Takes the head flow off the queue (it forgets its deficit). */
+  #dequeue(): void {
+    const f = this.#flows[this.#head++];
+    f.inRxQueue = false;
+    f.deficit = 0;
+  }
+
+  /** Moves the head flow to the back of the queue. */
+  #toBack(): void {
+    this.#flows.push(this.#flows[this.#head++]);
+  }
+
+  /** Puts the flows passed over back at the head of the queue, in their order. */
+  #restorePassedOver(): void {
     const passed = this.#passed;
     for (let i = passed.length - 1; i >= 0; i--) {
-      const c = passed[i];
-      if (c.inRxQueue) continue; // re-queued meanwhile
-      c.inRxQueue = true;
-      if (this.#head > 0) this.#flows[--this.#head] = c;
-      else this.#flows.unshift(c);
+      const f = passed[i];
+      if (f.inRxQueue) continue; // re-queued meanwhile
+      f.inRxQueue = true;
+      if (this.#head > 0) this.#flows[--this.#head] = f;
+      else this.#flows.unshift(f);
     }
     passed.length = 0;
   }
@@ -130,6 +195,7 @@ export class RxScheduler {
 
   /** Forgets everything (device reset). */
   clear(): void {
+    for (let i = this.#head; i < this.#flows.length; i++) this.#flows[i].inRxQueue = false;
     this.#flows = [];
     this.#head = 0;
     this.#passed.length = 0;

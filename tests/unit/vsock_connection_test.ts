@@ -4,7 +4,16 @@
  * hand over real guest RAM, with a recording context in place of the muxer.
  */
 import assert from "node:assert/strict";
-import { close, readRaw, SHUT_WR, shutdownRaw, unixSocketPair, writeRaw } from "../../ffi/mod.ts";
+import {
+  close,
+  MessageIo,
+  readRaw,
+  SHUT_WR,
+  shutdownRaw,
+  SOCK_SEQPACKET,
+  unixSocketPair,
+  writeRaw,
+} from "../../ffi/mod.ts";
 import { Reactor } from "../../lib/reactor.ts";
 import { DescChain } from "../../lib/virtio/desc_chain.ts";
 import {
@@ -21,8 +30,10 @@ import {
   VIRTIO_VSOCK_OP_RST,
   VIRTIO_VSOCK_OP_RW,
   VIRTIO_VSOCK_OP_SHUTDOWN,
+  VIRTIO_VSOCK_SEQ_EOM,
   VIRTIO_VSOCK_SHUTDOWN_F_BOTH,
   VIRTIO_VSOCK_SHUTDOWN_F_SEND,
+  VIRTIO_VSOCK_TYPE_SEQPACKET,
   VIRTIO_VSOCK_TYPE_STREAM,
 } from "../../lib/vsock/constants.ts";
 import { HeaderScratch, PacketHeader } from "../../lib/vsock/packet.ts";
@@ -41,6 +52,7 @@ class Ctx implements ConnectionContext {
   readonly stats = newDeviceStats();
   readonly gather = new TxGather();
   readonly iov = new BigUint64Array(2 * 64);
+  readonly msgIo = new MessageIo();
   readonly scratch = new HeaderScratch();
   readonly header = this.scratch.h;
   scheduled = 0;
@@ -112,11 +124,11 @@ class Guest {
 
 function guestHeader(op: number, conn: VsockConnection, flags = 0): PacketHeader {
   const h = new PacketHeader();
+  h.type = conn.type;
   h.srcCid = GUEST_CID;
   h.dstCid = 2;
   h.srcPort = conn.peerPort;
   h.dstPort = conn.localPort;
-  h.type = VIRTIO_VSOCK_TYPE_STREAM;
   h.op = op;
   h.flags = flags;
   h.bufAlloc = BUF;
@@ -343,5 +355,95 @@ Deno.test("tx gather: bytes the socket does not take are copied from the right r
     c.destroy(false);
     close(app);
     ctx.reactor.close();
+  }
+});
+
+/** A guest-initiated seqpacket connection over a SOCK_SEQPACKET pair. */
+function seqpacket(ctx: Ctx, guestBuf = BUF): { c: VsockConnection; app: number } {
+  const [ours, app] = unixSocketPair(SOCK_SEQPACKET);
+  const c = new VsockConnection(
+    ctx,
+    5000,
+    1234,
+    ours,
+    ConnState.ESTABLISHED,
+    BUF,
+    false,
+    VIRTIO_VSOCK_TYPE_SEQPACKET,
+  );
+  c.credit.updateFromPeer(guestBuf, 0);
+  c.watchHost();
+  return { c, app };
+}
+
+Deno.test("seqpacket: a guest message in three packets is one host record", () => {
+  const ctx = new Ctx();
+  const g = new Guest();
+  const { c, app } = seqpacket(ctx);
+  try {
+    send(g, c, VIRTIO_VSOCK_OP_RW, new Uint8Array(100).fill(1));
+    send(g, c, VIRTIO_VSOCK_OP_RW, new Uint8Array(100).fill(2));
+    assert.equal(readRaw(app, new Uint8Array(1000)) < 0, true, "nothing before EOM");
+    send(g, c, VIRTIO_VSOCK_OP_RW, new Uint8Array(50).fill(3), VIRTIO_VSOCK_SEQ_EOM);
+    send(g, c, VIRTIO_VSOCK_OP_RW, new Uint8Array(7).fill(4), VIRTIO_VSOCK_SEQ_EOM);
+    const rec = new Uint8Array(1000);
+    assert.equal(readRaw(app, rec), 250, "one record of the three packets");
+    assert.deepEqual([rec[0], rec[100], rec[200], rec[249]], [1, 2, 3, 3]);
+    assert.equal(readRaw(app, rec), 7, "the next message is the next record");
+    assert.equal(c.credit.fwdCnt, 257);
+  } finally {
+    c.destroy(false);
+    close(app);
+    ctx.reactor.close();
+    g.ram.close();
+  }
+});
+
+Deno.test("seqpacket: a host record becomes packets with EOM on the last only", () => {
+  const ctx = new Ctx();
+  const g = new Guest();
+  const { c, app } = seqpacket(ctx);
+  try {
+    const msg = new Uint8Array(10_000).map((_, i) => i & 0xff);
+    writeRaw(app, msg);
+    writeRaw(app, new Uint8Array(5).fill(9));
+    c.hostReadable = true;
+    const got: number[] = [];
+    const flags: number[] = [];
+    for (let i = 0; i < 4; i++) {
+      const rx = g.rx(4096 + VIRTIO_VSOCK_HDR_SIZE);
+      assert.ok(c.fillRx(rx) > VIRTIO_VSOCK_HDR_SIZE);
+      const { h, payload } = g.written(rx);
+      assert.equal(h.type, VIRTIO_VSOCK_TYPE_SEQPACKET);
+      got.push(payload.length);
+      flags.push(h.flags);
+    }
+    assert.deepEqual(got, [4096, 4096, 1808, 5]);
+    assert.deepEqual(flags, [0, 0, VIRTIO_VSOCK_SEQ_EOM, VIRTIO_VSOCK_SEQ_EOM]);
+  } finally {
+    c.destroy(false);
+    close(app);
+    ctx.reactor.close();
+    g.ram.close();
+  }
+});
+
+Deno.test("seqpacket: a host message larger than the guest's buffer is refused with RST", () => {
+  const ctx = new Ctx();
+  const g = new Guest();
+  const { c, app } = seqpacket(ctx, 8192);
+  try {
+    writeRaw(app, new Uint8Array(8193));
+    c.hostReadable = true;
+    assert.equal(c.fillRx(g.rx(4096)), -1); // reads the size, refuses, owes an RST
+    assert.equal(c.state, ConnState.CLOSED);
+    const rx = g.rx(4096);
+    assert.equal(c.fillRx(rx), VIRTIO_VSOCK_HDR_SIZE);
+    assert.equal(g.written(rx).h.op, VIRTIO_VSOCK_OP_RST);
+    assert.ok(ctx.events.some((e) => /8193-byte host message is larger/.test(e)));
+  } finally {
+    close(app);
+    ctx.reactor.close();
+    g.ram.close();
   }
 });

@@ -1,0 +1,121 @@
+/**
+ * The RX scheduler's deficit round robin, with fake flows: bytes per flow stay even whatever
+ * the packet sizes, weights scale shares, a waiting flow gets a buffer within one round, a
+ * buffer nobody can use visits each flow once, and orphan RSTs keep their order.
+ */
+import assert from "node:assert/strict";
+import { DescChain } from "../../lib/virtio/desc_chain.ts";
+import { PlainGuestMemory } from "../../lib/virtio/memory.ts";
+import { VIRTIO_VSOCK_HDR_SIZE } from "../../lib/vsock/constants.ts";
+import { RX_QUANTUM, type RxFlow, RxScheduler } from "../../lib/vsock/rx_scheduler.ts";
+
+/** A flow that always has packets of `size` payload bytes (clipped to the buffer). */
+class FakeFlow implements RxFlow {
+  inRxQueue = false;
+  deficit = 0;
+  sent = 0;
+  packets = 0;
+  constructor(
+    readonly name: string,
+    readonly size: number,
+    public left = Infinity,
+    readonly weight = 1,
+  ) {}
+  get done(): boolean {
+    return this.left <= 0;
+  }
+  hasRxWork(): boolean {
+    return this.left > 0;
+  }
+  canSendInto(room: number): boolean {
+    return this.size === 0 || room > 0;
+  }
+  fillRx(chain: DescChain): number {
+    const n = Math.min(this.size, chain.writableLen - VIRTIO_VSOCK_HDR_SIZE);
+    this.sent += n;
+    this.packets++;
+    this.left--;
+    return VIRTIO_VSOCK_HDR_SIZE + n;
+  }
+}
+
+const mem = new PlainGuestMemory([{ gpa: 0, size: 1 << 20 }]);
+function buffer(size: number): DescChain {
+  const c = new DescChain(1);
+  c.reset(mem, 0);
+  c.region[0] = 0;
+  c.offset[0] = 0;
+  c.len[0] = size;
+  c.count = 1;
+  c.writableLen = size;
+  return c;
+}
+
+Deno.test("DRR: flows with 64 KiB and 100-byte packets get the same bytes per round", () => {
+  const s = new RxScheduler();
+  const bulk = new FakeFlow("bulk", 65536);
+  const small = new FakeFlow("small", 100);
+  s.schedule(bulk);
+  s.schedule(small);
+  const buf = buffer(65536 + VIRTIO_VSOCK_HDR_SIZE);
+  for (let i = 0; i < 2000; i++) assert.ok(s.fill(buf) > 0);
+  const ratio = (bulk.sent + bulk.packets * 44) / (small.sent + small.packets * 44);
+  assert.ok(ratio > 0.8 && ratio < 1.25, `bytes bulk/small ${ratio.toFixed(2)}`);
+});
+
+Deno.test("DRR: an interactive flow waits at most one buffer per other flow", () => {
+  const s = new RxScheduler();
+  const bulks = [1, 2, 3, 4].map((i) => new FakeFlow(`bulk${i}`, 4096));
+  for (const b of bulks) s.schedule(b);
+  const buf = buffer(4096 + VIRTIO_VSOCK_HDR_SIZE);
+  for (let i = 0; i < 37; i++) s.fill(buf); // somewhere in the middle of the bulk rounds
+  const ping = new FakeFlow("ping", 64, 1);
+  s.schedule(ping);
+  let waited = 0;
+  while (ping.packets === 0) {
+    s.fill(buf);
+    waited++;
+  }
+  assert.ok(waited <= bulks.length + 1, `the ping waited ${waited} buffers`);
+});
+
+Deno.test("DRR: weights scale a flow's share", () => {
+  const s = new RxScheduler();
+  const heavy = new FakeFlow("heavy", 4096, Infinity, 3);
+  const light = new FakeFlow("light", 4096, Infinity, 1);
+  s.schedule(heavy);
+  s.schedule(light);
+  const buf = buffer(4096 + VIRTIO_VSOCK_HDR_SIZE);
+  for (let i = 0; i < 4000; i++) s.fill(buf);
+  const ratio = heavy.sent / light.sent;
+  assert.ok(ratio > 2.7 && ratio < 3.3, `heavy/light ${ratio.toFixed(2)}`);
+  assert.equal(RX_QUANTUM, 4096 + VIRTIO_VSOCK_HDR_SIZE);
+});
+
+Deno.test("DRR: a buffer nobody can use visits each flow once; they keep their order", () => {
+  const s = new RxScheduler();
+  const flows = [new FakeFlow("a", 100), new FakeFlow("b", 200), new FakeFlow("c", 300)];
+  for (const f of flows) s.schedule(f);
+  assert.equal(s.fill(buffer(VIRTIO_VSOCK_HDR_SIZE)), -1);
+  assert.equal(s.queuedFlows, 3);
+  assert.ok(flows.every((f) => f.inRxQueue && f.packets === 0));
+  // A header-only flow behind them can use it.
+  const ctl = new FakeFlow("ctl", 0, 1);
+  s.schedule(ctl);
+  assert.equal(s.fill(buffer(VIRTIO_VSOCK_HDR_SIZE)), VIRTIO_VSOCK_HDR_SIZE);
+  assert.equal(ctl.packets, 1);
+  // Then a real buffer goes to the first of them, in order.
+  s.fill(buffer(4096));
+  assert.equal(flows[0].packets, 1);
+});
+
+Deno.test("orphan RSTs come out oldest first and are bounded", () => {
+  const s = new RxScheduler();
+  for (let i = 0; i < 5; i++) s.addOrphan({ localPort: i, peerPort: i, srcCid: 2, type: 1 });
+  assert.deepEqual([0, 1, 2, 3, 4].map(() => s.nextOrphan()!.localPort), [0, 1, 2, 3, 4]);
+  assert.equal(s.nextOrphan(), undefined);
+  let added = 0;
+  while (s.addOrphan({ localPort: 0, peerPort: 0, srcCid: 2, type: 1 })) added++;
+  assert.equal(added, 1024);
+  assert.ok(s.orphansFull);
+});

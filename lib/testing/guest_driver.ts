@@ -68,13 +68,14 @@ import {
   LINUX_CONNECT_TIMEOUT_MS,
   type ListenOptions,
 } from "./guest_transport.ts";
-import type {
-  GuestSnapshot,
-  GuestStats,
-  PacketCapture,
-  RawDescriptor,
-  RawUsed,
-  VsockGuestOptions,
+import {
+  type GuestSnapshot,
+  type GuestStats,
+  newGuestStats,
+  type PacketCapture,
+  type RawDescriptor,
+  type RawUsed,
+  type VsockGuestOptions,
 } from "./guest_types.ts";
 import { GuestTimeoutError, GuestWaits } from "./guest_wait.ts";
 
@@ -124,20 +125,7 @@ export class VsockGuest {
   /** the virtio features the driver acked */
   features = 0n;
   /** counters */
-  readonly stats: GuestStats = {
-    kicks: [0, 0, 0],
-    interrupts: [0, 0, 0],
-    rxPackets: 0,
-    txPackets: 0,
-    rxBytes: 0,
-    txBytes: 0,
-    creditUpdatesSent: 0,
-    txUsedNonZeroLen: 0,
-    kicksLost: 0,
-    dgramRxDropped: 0,
-    dgramRxNoSocket: 0,
-    dgramRxInvalid: 0,
-  };
+  readonly stats: GuestStats = newGuestStats();
   /** back-end misbehaviour a Linux guest would notice (see the module doc) */
   readonly anomalies: string[] = [];
   /** raw chains (`addRawChain`) the device returned, in order */

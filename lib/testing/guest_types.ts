@@ -85,6 +85,24 @@ export interface GuestStats {
   dgramRxInvalid: number;
 }
 
+/** Fresh counters, all zero. */
+export function newGuestStats(): GuestStats {
+  return {
+    kicks: [0, 0, 0],
+    interrupts: [0, 0, 0],
+    rxPackets: 0,
+    txPackets: 0,
+    rxBytes: 0,
+    txBytes: 0,
+    creditUpdatesSent: 0,
+    txUsedNonZeroLen: 0,
+    kicksLost: 0,
+    dgramRxDropped: 0,
+    dgramRxNoSocket: 0,
+    dgramRxInvalid: 0,
+  };
+}
+
 /** One descriptor of a raw chain (`VsockGuest.addRawChain`). */
 export interface RawDescriptor {
   /** guest-physical address; a bigint may exceed 2^53 */

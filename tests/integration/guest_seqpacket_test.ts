@@ -1,19 +1,11 @@
 /**
  * The testing guest's SEQPACKET sockets against the real back end (main.ts as a child): host
- * apps on SOCK_SEQPACKET Unix sockets (`<uds-path>.seqpacket`, `<uds-path>_<P>`) and sibling
- * guests of one daemon. Every message keeps its boundaries, and MSG_EOR survives guest to
- * guest (AF_UNIX never reports MSG_EOR, so host apps see messages only).
+ * apps on SOCK_SEQPACKET Unix sockets (`<uds-path>.seqpacket`, `<uds-path>_<P>`). Every message
+ * keeps its boundaries (AF_UNIX never reports MSG_EOR, so host apps see messages only; sibling
+ * guests, which keep EOR, are in siblings_test.ts).
  */
 import assert from "node:assert/strict";
-import {
-  GuestRam,
-  pattern,
-  spawnBackend,
-  startVm,
-  VhostUserFrontEnd,
-  VsockGuest,
-} from "../../lib/testing/mod.ts";
-import { repoRoot } from "../../lib/testing/backend_process.ts";
+import { pattern, startVm } from "../../lib/testing/mod.ts";
 import { seqpacketHybridConnect, SeqpacketListener } from "../e2e/host_seqpacket.ts";
 
 const SIZES = [1, 4096, 65536, 128 * 1024];
@@ -67,50 +59,5 @@ Deno.test("guest seqpacket: host app via <uds>.seqpacket and guest client to <ud
     assert.deepEqual(vm.guest.anomalies, []);
   } finally {
     await vm.stop();
-  }
-});
-
-Deno.test("guest seqpacket: sibling guests keep message boundaries and EOR", async () => {
-  const backend = await spawnBackend({
-    command: `${Deno.execPath()} run -A ${repoRoot()}/main.ts ` +
-      `--vm guest-cid=3,socket={socket},uds-path={uds},groups=g ` +
-      `--vm guest-cid=4,socket={socket}.b,uds-path={uds}.b,groups=g`,
-  });
-  const guests: VsockGuest[] = [];
-  const mems: GuestRam[] = [];
-  try {
-    for (const path of [backend.socketPath, `${backend.socketPath}.b`]) {
-      const memory = new GuestRam({});
-      mems.push(memory);
-      const fe = await VhostUserFrontEnd.connect(path, { profile: "qemu", memory });
-      guests.push(await VsockGuest.boot(fe, {}));
-    }
-    const [a, b] = guests;
-    const l = b.listen(7100, { type: "seqpacket" });
-    const connecting = a.connect(7100, 4, { type: "seqpacket" });
-    const inB = await l.accept({ timeoutMs: 5000 });
-    const inA = await connecting;
-    const msgs = [...SIZES, 7].map((n, i) => pattern(n, i + 3));
-    const sending = (async () => {
-      for (const [i, m] of msgs.entries()) await inA.sendMessage(m, { eor: i % 2 === 0 });
-    })();
-    for (const [i, m] of msgs.entries()) {
-      const got = await inB.readMessage();
-      assert.deepEqual(got?.data, m, `message ${i}`);
-      assert.equal(got?.eor, i % 2 === 0, `message ${i} EOR`);
-    }
-    await sending;
-    // Both guests must run for the close handshake (a guest runs while it is waited on).
-    await Promise.all([inA.close(), inB.waitClosed()]);
-    assert.equal(inA.closeReason, "closed");
-    assert.equal(inB.closeReason, "peer-closed");
-    assert.deepEqual([...a.anomalies, ...b.anomalies], []);
-  } finally {
-    for (const g of guests) {
-      await g.close();
-      g.frontEnd.close();
-    }
-    for (const m of mems) m.close();
-    await backend.stop();
   }
 });

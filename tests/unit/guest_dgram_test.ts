@@ -12,11 +12,10 @@ import {
   VIRTIO_VSOCK_OP_RW,
   VIRTIO_VSOCK_TYPE_DGRAM,
 } from "../../lib/vsock/constants.ts";
-import { PacketHeader } from "../../lib/vsock/packet.ts";
 import { pattern } from "../../lib/testing/host.ts";
 import { GuestConnError } from "../../lib/testing/guest_conn.ts";
 import { LINUX_RMEM_DEFAULT } from "../../lib/testing/guest_dgram.ts";
-import { Wire } from "./guest_wire.ts";
+import { Wire, wireHeader } from "./guest_wire.ts";
 
 function withWire(body: (w: Wire) => Promise<void>, opts = {}): () => Promise<void> {
   return async () => {
@@ -86,13 +85,12 @@ Deno.test(
     assert.equal(w.b.stats.dgramRxNoSocket, 1);
     assert.deepEqual(w.b.sent(), [], "connectionless: nothing answers");
     const sb = w.b.transport.bindDgram(8000);
-    const h = new PacketHeader();
-    h.srcCid = 3;
-    h.dstCid = 4;
-    h.srcPort = 7000;
-    h.dstPort = 8000;
-    h.type = VIRTIO_VSOCK_TYPE_DGRAM;
-    h.op = VIRTIO_VSOCK_OP_REQUEST;
+    const h = wireHeader({
+      srcPort: 7000,
+      dstPort: 8000,
+      type: VIRTIO_VSOCK_TYPE_DGRAM,
+      op: VIRTIO_VSOCK_OP_REQUEST,
+    });
     assert.ok(w.a.transport.placeRaw(w.a.rings, h, new Uint8Array(0), 0));
     w.pump();
     assert.equal(w.b.stats.dgramRxInvalid, 1);
@@ -112,13 +110,12 @@ Deno.test(
   "dgram: without VIRTIO_VSOCK_F_DGRAM no socket binds and a DGRAM packet is an anomaly",
   withWire(async (w) => {
     assert.throws(() => w.a.transport.bindDgram(7000), /VIRTIO_VSOCK_F_DGRAM not negotiated/);
-    const h = new PacketHeader();
-    h.srcCid = 3;
-    h.dstCid = 4;
-    h.srcPort = 7000;
-    h.dstPort = 8000;
-    h.type = VIRTIO_VSOCK_TYPE_DGRAM;
-    h.op = VIRTIO_VSOCK_OP_RW;
+    const h = wireHeader({
+      srcPort: 7000,
+      dstPort: 8000,
+      type: VIRTIO_VSOCK_TYPE_DGRAM,
+      op: VIRTIO_VSOCK_OP_RW,
+    });
     assert.ok(w.a.transport.placeRaw(w.a.rings, h, pattern(5, 1), 5));
     w.pump();
     assert.match(w.b.anomalies.join("\n"), /without VIRTIO_VSOCK_F_DGRAM/);

@@ -17,12 +17,11 @@ import {
   VIRTIO_VSOCK_TYPE_SEQPACKET,
   VIRTIO_VSOCK_TYPE_STREAM,
 } from "../../lib/vsock/constants.ts";
-import { PacketHeader } from "../../lib/vsock/packet.ts";
 import { pattern } from "../../lib/testing/host.ts";
 import { type GuestConn, GuestConnError } from "../../lib/testing/guest_conn.ts";
 import { GuestConnectError } from "../../lib/testing/guest_transport.ts";
 import type { CapturedPacket, VsockGuestOptions } from "../../lib/testing/guest_types.ts";
-import { splitRw, Wire } from "./guest_wire.ts";
+import { splitRw, Wire, wireHeader } from "./guest_wire.ts";
 
 async function withPair(
   opts: { a?: VsockGuestOptions; b?: VsockGuestOptions },
@@ -207,14 +206,13 @@ Deno.test("seqpacket: stream and seqpacket sockets do not mix: RST of the packet
     const l = w.b.transport.listen(5002, { type: "seqpacket" });
     const a = await w.a.transport.connect(5002, 4, { type: "seqpacket" });
     const b = await l.accept();
-    const h = new PacketHeader();
-    h.srcCid = 3;
-    h.dstCid = 4;
-    h.srcPort = a.localPort;
-    h.dstPort = 5002;
-    h.type = VIRTIO_VSOCK_TYPE_STREAM;
-    h.op = VIRTIO_VSOCK_OP_RW;
-    h.bufAlloc = a.credit.bufAlloc;
+    const h = wireHeader({
+      srcPort: a.localPort,
+      dstPort: 5002,
+      type: VIRTIO_VSOCK_TYPE_STREAM,
+      op: VIRTIO_VSOCK_OP_RW,
+      bufAlloc: a.credit.bufAlloc,
+    });
     assert.ok(w.a.transport.placeRaw(w.a.rings, h, pattern(10, 1), 10));
     w.pump();
     const last = w.a.received().at(-1)!.header;
@@ -239,13 +237,12 @@ Deno.test("seqpacket: without VIRTIO_VSOCK_F_SEQPACKET connect fails at once, a 
     );
     assert.equal(w.a.sent().length, 0);
     w.b.transport.listen(5000, { type: "seqpacket" });
-    const h = new PacketHeader();
-    h.srcCid = 3;
-    h.dstCid = 4;
-    h.srcPort = 1024;
-    h.dstPort = 5000;
-    h.type = VIRTIO_VSOCK_TYPE_SEQPACKET;
-    h.op = VIRTIO_VSOCK_OP_REQUEST;
+    const h = wireHeader({
+      srcPort: 1024,
+      dstPort: 5000,
+      type: VIRTIO_VSOCK_TYPE_SEQPACKET,
+      op: VIRTIO_VSOCK_OP_REQUEST,
+    });
     assert.ok(w.a.transport.placeRaw(w.a.rings, h, new Uint8Array(0), 0));
     w.pump();
     assert.equal(w.b.sent().at(-1)?.header.op, VIRTIO_VSOCK_OP_RST);

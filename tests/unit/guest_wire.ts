@@ -21,11 +21,12 @@ import { GuestRam } from "../../lib/testing/guest_ram.ts";
 import { GuestRings, type RxBuf } from "../../lib/testing/guest_rings.ts";
 import { GuestTransport } from "../../lib/testing/guest_transport.ts";
 import { GuestTimeoutError } from "../../lib/testing/guest_wait.ts";
-import type {
-  CapturedPacket,
-  GuestStats,
-  PacketCapture,
-  VsockGuestOptions,
+import {
+  type CapturedPacket,
+  type GuestStats,
+  newGuestStats,
+  type PacketCapture,
+  type VsockGuestOptions,
 } from "../../lib/testing/guest_types.ts";
 
 /** VERSION_1 + SEQPACKET + DGRAM: what the wire's ends negotiate by default. */
@@ -34,25 +35,17 @@ export const WIRE_FEATURES: bigint = featureMask(VIRTIO_F_VERSION_1) |
 
 const QUEUE_SIZE = 64;
 
+/** A header from guest a (CID 3) to guest b (CID 4) with `fields` set (for raw packets). */
+export function wireHeader(fields: Partial<PacketHeader>): PacketHeader {
+  return Object.assign(new PacketHeader(), { srcCid: 3, dstCid: 4 }, fields);
+}
+
 /** Rewrites a packet in flight: return the packets to deliver instead (none = dropped). */
 export type WireRewrite = (p: CapturedPacket) => CapturedPacket[];
 
 /** One guest on the wire. */
 export class WireEnd {
-  readonly stats: GuestStats = {
-    kicks: [0, 0, 0],
-    interrupts: [0, 0, 0],
-    rxPackets: 0,
-    txPackets: 0,
-    rxBytes: 0,
-    txBytes: 0,
-    creditUpdatesSent: 0,
-    txUsedNonZeroLen: 0,
-    kicksLost: 0,
-    dgramRxDropped: 0,
-    dgramRxNoSocket: 0,
-    dgramRxInvalid: 0,
-  };
+  readonly stats: GuestStats = newGuestStats();
   readonly anomalies: string[] = [];
   readonly rings: GuestRings;
   readonly transport: GuestTransport;

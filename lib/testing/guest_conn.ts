@@ -1,6 +1,6 @@
 /**
- * One guest-side vsock stream socket of the testing guest driver (`VsockGuest`), with the
- * connection rules of Linux's `net/vmw_vsock/virtio_transport_common.c`:
+ * One guest-side vsock stream or seqpacket socket of the testing guest driver (`VsockGuest`),
+ * with the connection rules of Linux's `net/vmw_vsock/virtio_transport_common.c`:
  *
  * - credit (`Credit`): every packet we send carries our `buf_alloc` / `fwd_cnt`; RW payload
  *   never exceeds the peer's free credit (`write` waits for a CREDIT_UPDATE); a peer sending
@@ -16,6 +16,19 @@
  * - an RST from the peer ends the connection: buffered data stays readable, then `read`
  *   returns null (EOF), like Linux's SOCK_DONE.
  *
+ * SEQPACKET (type "seqpacket") adds message boundaries to the same rules
+ * (`virtio_transport_seqpacket_enqueue` / `_do_dequeue`):
+ * - `sendMessage` refuses a message larger than the peer's buf_alloc (Linux's EMSGSIZE), then
+ *   sends it like a stream write (RW packets within the peer's credit and 64 KiB, waiting for
+ *   credit in between) with VIRTIO_VSOCK_SEQ_EOM on the packet that carries its last byte, and
+ *   VIRTIO_VSOCK_SEQ_EOR there too when the sender asked for MSG_EOR; an empty message sends
+ *   nothing (Linux's sendmsg loop never runs);
+ * - received RW packets are queued until one with EOM completes a message; `readMessage`
+ *   returns one whole message and its EOR, and every dequeued message is answered with a
+ *   CREDIT_UPDATE (Linux sends one after each message, not by the stream low-water rule);
+ * - `write` / `read` on a seqpacket connection are send() / recv(): one message each, `read`
+ *   truncating to `max` and dropping the rest of the message (MSG_TRUNC).
+ *
  * The driver owns the packet I/O; a `GuestConn` only keeps per-connection state and talks to
  * the driver through the small `ConnDriver` interface.
  */
@@ -28,10 +41,15 @@ import {
   VIRTIO_VSOCK_OP_CREDIT_UPDATE,
   VIRTIO_VSOCK_OP_RST,
   VIRTIO_VSOCK_OP_SHUTDOWN,
+  VIRTIO_VSOCK_SEQ_EOM,
+  VIRTIO_VSOCK_SEQ_EOR,
   VIRTIO_VSOCK_SHUTDOWN_F_BOTH,
   VIRTIO_VSOCK_SHUTDOWN_F_RECEIVE,
   VIRTIO_VSOCK_SHUTDOWN_F_SEND,
+  VIRTIO_VSOCK_TYPE_SEQPACKET,
+  VIRTIO_VSOCK_TYPE_STREAM,
 } from "../vsock/constants.ts";
+import type { GuestSocketType } from "./guest_types.ts";
 
 /** Where a connection is in its life. */
 export type GuestConnState = "connecting" | "established" | "closing" | "closed";
@@ -73,6 +91,24 @@ export interface WaitOptions {
   readonly timeoutMs?: number;
 }
 
+/** Options of `GuestConn.sendMessage`. */
+export interface SendMessageOptions extends WaitOptions {
+  /** end of record (send with MSG_EOR): the last packet carries VIRTIO_VSOCK_SEQ_EOR too */
+  readonly eor?: boolean;
+}
+
+/** One seqpacket message, from `GuestConn.readMessage`. */
+export interface GuestMessage {
+  readonly data: Uint8Array;
+  /** the sender used MSG_EOR (VIRTIO_VSOCK_SEQ_EOR on the last packet) */
+  readonly eor: boolean;
+}
+
+/** The header `type` of a connection-oriented socket type. */
+export function wireType(type: GuestSocketType): number {
+  return type === "seqpacket" ? VIRTIO_VSOCK_TYPE_SEQPACKET : VIRTIO_VSOCK_TYPE_STREAM;
+}
+
 /** What a connection needs from the driver. */
 export interface ConnDriver {
   /** default timeout for waits */
@@ -81,8 +117,11 @@ export interface ConnDriver {
   readonly closeTimeoutMs: number;
   /** queues a control packet (no payload) of this connection */
   sendControl(conn: GuestConn, op: number, flags: number): void;
-  /** sends RW packets from bytes[off..] as far as credit and tx buffers allow; returns bytes sent */
-  sendData(conn: GuestConn, bytes: Uint8Array, off: number): number;
+  /**
+   * sends RW packets from bytes[off..] as far as credit and tx buffers allow, `lastFlags` on the
+   * packet carrying the last byte of `bytes`; returns bytes sent
+   */
+  sendData(conn: GuestConn, bytes: Uint8Array, off: number, lastFlags: number): number;
   /** whether `sendData` could make progress now */
   canSendData(conn: GuestConn): boolean;
   /** publishes queued packets and kicks if needed */
@@ -93,7 +132,7 @@ export interface ConnDriver {
   forget(conn: GuestConn): void;
 }
 
-/** A guest vsock stream connection. Obtain one from `VsockGuest.connect` or `accept`. */
+/** A guest vsock stream or seqpacket connection: from `VsockGuest.connect` or `accept`. */
 export class GuestConn {
   /** our port */
   readonly localPort: number;
@@ -103,6 +142,8 @@ export class GuestConn {
   readonly peerPort: number;
   /** credit state of both directions (read it; the connection updates it) */
   readonly credit: Credit;
+  /** socket type: every packet of the connection carries its header `type` */
+  readonly type: GuestSocketType;
 
   #state: GuestConnState;
   #closeReason: GuestCloseReason | null = null;
@@ -114,6 +155,11 @@ export class GuestConn {
   #discard = false;
   readonly #chunks: Uint8Array[] = [];
   #chunkOff = 0;
+  /** seqpacket: complete messages not read yet, in order (their bytes are in #chunks) */
+  readonly #messages: { len: number; eor: boolean }[] = [];
+  /** seqpacket: bytes of the message still being received (no EOM yet) */
+  #partialLen = 0;
+  #messagesReceived = 0;
   readonly #driver: ConnDriver;
 
   /** @internal Created by the driver. */
@@ -124,6 +170,7 @@ export class GuestConn {
     peerPort: number,
     bufAlloc: number,
     state: GuestConnState,
+    type: GuestSocketType = "stream",
   ) {
     this.#driver = driver;
     this.localPort = localPort;
@@ -131,6 +178,7 @@ export class GuestConn {
     this.peerPort = peerPort;
     this.credit = new Credit(bufAlloc);
     this.#state = state;
+    this.type = type;
   }
 
   /** Current state. */
@@ -169,6 +217,14 @@ export class GuestConn {
   get buffered(): number {
     return this.credit.buffered();
   }
+  /** seqpacket: complete messages received and not read yet. */
+  get messagesBuffered(): number {
+    return this.#messages.length;
+  }
+  /** seqpacket: messages completed (EOM seen), including ones not read yet. */
+  get messagesReceived(): number {
+    return this.#messagesReceived;
+  }
   /** Whether no more data will arrive: peer SHUTDOWN(send), RST, or the connection ended. */
   get eof(): boolean {
     return (this.#peerShutdown & VIRTIO_VSOCK_SHUTDOWN_F_SEND) !== 0 || this.#state === "closed" ||
@@ -177,7 +233,8 @@ export class GuestConn {
 
   /** "localPort -> cid:port (state)" for messages. */
   describe(): string {
-    return `${this.localPort} -> ${this.peerCid}:${this.peerPort} (${this.#state}` +
+    const type = this.type === "stream" ? "" : ` ${this.type}`;
+    return `${this.localPort} -> ${this.peerCid}:${this.peerPort}${type} (${this.#state}` +
       `${
         this.#closeReason ? `, ${this.#closeReason}` : ""
       }, peer free ${this.credit.peerFree()}, ` +
@@ -193,11 +250,37 @@ export class GuestConn {
    * shut down receiving) and a timeout error if no progress is possible in time.
    */
   async write(bytes: Uint8Array, opts: WaitOptions = {}): Promise<void> {
+    if (this.type === "seqpacket") return await this.sendMessage(bytes, opts);
+    await this.#send(bytes, 0, opts);
+  }
+
+  /**
+   * seqpacket: sends `bytes` as one message (see the module doc): refused with
+   * GuestConnError when larger than the peer's buf_alloc (EMSGSIZE), else sent in RW packets
+   * within the peer's credit and 64 KiB, VIRTIO_VSOCK_SEQ_EOM (and _EOR with `eor`) on the
+   * last. Resolves when every byte is in the tx queue.
+   */
+  async sendMessage(bytes: Uint8Array, opts: SendMessageOptions = {}): Promise<void> {
+    if (this.type !== "seqpacket") {
+      throw new GuestConnError(`sendMessage on ${this.describe()}: not a seqpacket connection`);
+    }
+    this.#checkWritable();
+    if (bytes.length > this.credit.peerBufAlloc) {
+      throw new GuestConnError(
+        `message of ${bytes.length} bytes is larger than the peer's buf_alloc ` +
+          `${this.credit.peerBufAlloc} on ${this.describe()} (EMSGSIZE)`,
+      );
+    }
+    const last = VIRTIO_VSOCK_SEQ_EOM | (opts.eor ? VIRTIO_VSOCK_SEQ_EOR : 0);
+    await this.#send(bytes, last, opts);
+  }
+
+  async #send(bytes: Uint8Array, lastFlags: number, opts: WaitOptions): Promise<void> {
     let off = 0;
     const timeoutMs = opts.timeoutMs ?? this.#driver.timeoutMs;
     while (off < bytes.length) {
       this.#checkWritable();
-      off += this.#driver.sendData(this, bytes, off);
+      off += this.#driver.sendData(this, bytes, off, lastFlags);
       this.#driver.flush();
       if (off < bytes.length) {
         await this.#driver.waitFor(
@@ -216,6 +299,10 @@ export class GuestConn {
    * like Linux's ENOTCONN, and a timeout error when nothing arrives in time.
    */
   async read(max = Infinity, opts: WaitOptions = {}): Promise<Uint8Array | null> {
+    if (this.type === "seqpacket") {
+      const m = await this.readMessage(opts);
+      return m === null || m.data.length <= max ? m?.data ?? null : m.data.subarray(0, max);
+    }
     if (this.#discard) throw new GuestConnError("read() on a connection in discard mode");
     if (this.buffered === 0 && !this.eof) {
       await this.#driver.waitFor(
@@ -225,10 +312,41 @@ export class GuestConn {
       );
     }
     if (this.buffered > 0) return this.#take(max);
-    if (this.#closeReason === "transport-reset" || this.#closeReason === "driver-reset") {
-      throw new GuestConnError(`connection ${this.describe()} was reset (ENOTCONN)`);
-    }
+    this.#checkNotReset();
     return null;
+  }
+
+  /**
+   * seqpacket: the next whole message (reassembled from its packets) and its EOR flag. Waits
+   * for one; returns null at EOF when no complete message is left (a message cut off by the
+   * peer's RST or SHUTDOWN is never returned). Sends a CREDIT_UPDATE for every message read,
+   * as Linux does. Throws like `read` after a TRANSPORT_RESET or driver reset.
+   */
+  async readMessage(opts: WaitOptions = {}): Promise<GuestMessage | null> {
+    if (this.type !== "seqpacket") {
+      throw new GuestConnError(`readMessage on ${this.describe()}: not a seqpacket connection`);
+    }
+    if (this.#discard) throw new GuestConnError("readMessage() on a connection in discard mode");
+    if (this.#messages.length === 0 && !this.eof) {
+      await this.#driver.waitFor(
+        () => this.#messages.length > 0 || this.eof,
+        opts.timeoutMs ?? this.#driver.timeoutMs,
+        `a message on ${this.describe()}`,
+      );
+    }
+    const m = this.#messages.shift();
+    if (m === undefined) {
+      this.#checkNotReset();
+      return null;
+    }
+    const data = this.#gather(m.len).slice();
+    this.credit.onForwarded(m.len);
+    if (this.#state === "established" || this.#state === "closing") {
+      // virtio_transport_seqpacket_do_dequeue: a CREDIT_UPDATE after every message
+      this.#driver.sendControl(this, VIRTIO_VSOCK_OP_CREDIT_UPDATE, 0);
+    }
+    this.#afterConsume();
+    return { data, eor: m.eor };
   }
 
   /** Reads exactly `n` bytes; throws GuestConnError if EOF comes first. */
@@ -263,6 +381,8 @@ export class GuestConn {
    */
   discardIncoming(): void {
     this.#discard = true;
+    this.#messages.length = 0;
+    this.#partialLen = 0;
     if (this.buffered > 0) this.#take(Infinity);
   }
 
@@ -364,8 +484,11 @@ export class GuestConn {
     this.#state = "established";
   }
 
-  /** @internal An RW payload (a view the caller reuses: copied here). */
-  _onData(src: Uint8Array): boolean {
+  /**
+   * @internal An RW payload (a view the caller reuses: copied here) with the packet's flags
+   * (VIRTIO_VSOCK_SEQ_EOM / _EOR matter on seqpacket connections only).
+   */
+  _onData(src: Uint8Array, flags = 0): boolean {
     const n = src.length;
     if (this.#state === "closing") return true; // Linux drops data while disconnecting
     if (!this.credit.onReceived(n)) {
@@ -373,11 +496,21 @@ export class GuestConn {
       return false;
     }
     this.#bytesReceived += n;
+    const eom = this.type === "seqpacket" && (flags & VIRTIO_VSOCK_SEQ_EOM) !== 0;
+    if (eom) this.#messagesReceived++;
     if (this.#discard) {
       this.credit.onForwarded(n);
       this.#maybeCreditUpdate();
-    } else {
-      this.#chunks.push(src.slice());
+      return true;
+    }
+    if (n > 0) this.#chunks.push(src.slice());
+    if (this.type === "seqpacket") {
+      this.#partialLen += n;
+      if (eom) {
+        // Linux sets EOR only together with EOM: an EOR alone means nothing.
+        this.#messages.push({ len: this.#partialLen, eor: (flags & VIRTIO_VSOCK_SEQ_EOR) !== 0 });
+        this.#partialLen = 0;
+      }
     }
     return true;
   }
@@ -403,6 +536,15 @@ export class GuestConn {
 
   #take(max: number): Uint8Array {
     const want = Math.min(max, this.buffered);
+    const out = this.#gather(want);
+    this.credit.onForwarded(want);
+    this.#maybeCreditUpdate();
+    this.#afterConsume();
+    return out;
+  }
+
+  /** Takes the next `want` buffered bytes out of #chunks (a view when one chunk holds them). */
+  #gather(want: number): Uint8Array {
     let out: Uint8Array;
     const first = this.#chunks[0];
     if (first !== undefined && first.length - this.#chunkOff >= want) {
@@ -427,8 +569,11 @@ export class GuestConn {
         }
       }
     }
-    this.credit.onForwarded(want);
-    this.#maybeCreditUpdate();
+    return out;
+  }
+
+  /** After a read: finish a connection the peer closed both ways; publish replies. */
+  #afterConsume(): void {
     if (
       this.#peerShutdown === VIRTIO_VSOCK_SHUTDOWN_F_BOTH && this.buffered === 0 &&
       this.#state !== "closed"
@@ -439,7 +584,12 @@ export class GuestConn {
       this._end("peer-closed");
     }
     this.#driver.flush();
-    return out;
+  }
+
+  #checkNotReset(): void {
+    if (this.#closeReason === "transport-reset" || this.#closeReason === "driver-reset") {
+      throw new GuestConnError(`connection ${this.describe()} was reset (ENOTCONN)`);
+    }
   }
 
   /** Linux's rule in virtio_transport_stream_do_dequeue. */

@@ -11,8 +11,10 @@
  *   handling, as `virtio_transport_common.c` does it (per-connection state in guest_conn.ts);
  * - guest_wait.ts: waiting (`waitFor`), the one poll loop on the call eventfds, timeouts.
  *
- * Probe (like `virtio_vsock_probe`): negotiate features (the offered subset Linux knows:
- * VERSION_1, EVENT_IDX, INDIRECT_DESC), read `guest_cid` from the config space, lay out the
+ * Probe (like `virtio_vsock_probe`): negotiate features (the offered subset Linux 6.1 knows:
+ * VERSION_1, EVENT_IDX, INDIRECT_DESC, VIRTIO_VSOCK_F_SEQPACKET; plus VIRTIO_VSOCK_F_DGRAM, bit
+ * 3, as the datagram RFC's driver would, unless `withholdFeatures` says otherwise), read
+ * `guest_cid` from the config space, lay out the
  * three split rings (rx 0, tx 1, event 2) in guest RAM, DRIVER_OK (the front end's
  * `startDevice`), then fill the rx queue (one device-writable descriptor of 44 + 4096 bytes per
  * buffer, until the ring is full) and the event queue (8 buffers of 4 bytes), kicking each.
@@ -35,6 +37,8 @@ import {
 } from "../virtio/features.ts";
 import {
   VIRTIO_VSOCK_EVENT_TRANSPORT_RESET,
+  VIRTIO_VSOCK_F_DGRAM,
+  VIRTIO_VSOCK_F_SEQPACKET,
   VSOCK_HOST_CID,
   VSOCK_VQ_RX,
 } from "../vsock/constants.ts";
@@ -50,33 +54,69 @@ import {
 } from "./guest_conn.ts";
 import { GuestRings, LINUX_EVENT_BUFFERS, LINUX_RX_BUF_SIZE } from "./guest_rings.ts";
 import {
+  type BindDgramOptions,
+  type GuestDatagram,
+  GuestDgramSocket,
+  LINUX_RMEM_DEFAULT,
+} from "./guest_dgram.ts";
+import {
+  type ConnectOptions,
   GuestConnectError,
   GuestListener,
   GuestTransport,
   LINUX_BUF_ALLOC,
   LINUX_CONNECT_TIMEOUT_MS,
+  type ListenOptions,
 } from "./guest_transport.ts";
-import type {
-  GuestSnapshot,
-  GuestStats,
-  PacketCapture,
-  RawDescriptor,
-  RawUsed,
-  VsockGuestOptions,
+import {
+  type GuestSnapshot,
+  type GuestStats,
+  newGuestStats,
+  type PacketCapture,
+  type RawDescriptor,
+  type RawUsed,
+  type VsockGuestOptions,
 } from "./guest_types.ts";
 import { GuestTimeoutError, GuestWaits } from "./guest_wait.ts";
 
-export { GuestConn, GuestConnectError, GuestConnError, GuestListener, GuestTimeoutError };
-export type { GuestCloseReason, WaitOptions };
-export type { GuestConnState } from "./guest_conn.ts";
+export {
+  GuestConn,
+  GuestConnectError,
+  GuestConnError,
+  GuestDgramSocket,
+  GuestListener,
+  GuestTimeoutError,
+};
+export type {
+  BindDgramOptions,
+  ConnectOptions,
+  GuestCloseReason,
+  GuestDatagram,
+  ListenOptions,
+  WaitOptions,
+};
+export type { GuestConnState, GuestMessage, SendMessageOptions } from "./guest_conn.ts";
 export type * from "./guest_types.ts";
-export { LINUX_BUF_ALLOC, LINUX_CONNECT_TIMEOUT_MS, LINUX_EVENT_BUFFERS, LINUX_RX_BUF_SIZE };
+export {
+  LINUX_BUF_ALLOC,
+  LINUX_CONNECT_TIMEOUT_MS,
+  LINUX_EVENT_BUFFERS,
+  LINUX_RMEM_DEFAULT,
+  LINUX_RX_BUF_SIZE,
+};
 
 /** Linux's VSOCK_CLOSE_TIMEOUT (8 s). */
 export const LINUX_CLOSE_TIMEOUT_MS = 8000;
-/** Transport features the Linux virtio core keeps that this driver implements. */
+/**
+ * Features Linux 6.1's virtio-vsock driver acks that this driver implements: the transport
+ * features the virtio core keeps and the driver's feature table (VIRTIO_VSOCK_F_SEQPACKET).
+ */
 export const LINUX_DRIVER_FEATURES: bigint = featureMask(VIRTIO_F_VERSION_1) |
-  featureMask(VIRTIO_RING_F_EVENT_IDX) | featureMask(VIRTIO_RING_F_INDIRECT_DESC);
+  featureMask(VIRTIO_RING_F_EVENT_IDX) | featureMask(VIRTIO_RING_F_INDIRECT_DESC) |
+  featureMask(VIRTIO_VSOCK_F_SEQPACKET);
+/** What this driver acks when offered: Linux's set plus the datagram RFC's VIRTIO_VSOCK_F_DGRAM. */
+export const GUEST_DRIVER_FEATURES: bigint = LINUX_DRIVER_FEATURES |
+  featureMask(VIRTIO_VSOCK_F_DGRAM);
 
 /** The guest driver. Create with `VsockGuest.boot`. */
 export class VsockGuest {
@@ -85,17 +125,7 @@ export class VsockGuest {
   /** the virtio features the driver acked */
   features = 0n;
   /** counters */
-  readonly stats: GuestStats = {
-    kicks: [0, 0, 0],
-    interrupts: [0, 0, 0],
-    rxPackets: 0,
-    txPackets: 0,
-    rxBytes: 0,
-    txBytes: 0,
-    creditUpdatesSent: 0,
-    txUsedNonZeroLen: 0,
-    kicksLost: 0,
-  };
+  readonly stats: GuestStats = newGuestStats();
   /** back-end misbehaviour a Linux guest would notice (see the module doc) */
   readonly anomalies: string[] = [];
   /** raw chains (`addRawChain`) the device returned, in order */
@@ -131,6 +161,7 @@ export class VsockGuest {
       closeTimeoutMs: this.closeTimeoutMs,
       rings: () => this.#rings,
       cid: () => this.guestCid,
+      features: () => this.features,
       checkUsable: () => this.#checkUsable(),
       flush: () => this.#flushAll(),
       waitFor: (pred, timeoutMs, what) => this.waitFor(pred, timeoutMs, what),
@@ -190,7 +221,7 @@ export class VsockGuest {
   #probe(): void {
     const fe = this.#fe;
     const offered = fe.deviceFeatures();
-    this.features = offered & (LINUX_DRIVER_FEATURES | (this.#opts.ackFeatures ?? 0n)) &
+    this.features = offered & (GUEST_DRIVER_FEATURES | (this.#opts.ackFeatures ?? 0n)) &
       ~(this.#opts.withholdFeatures ?? 0n);
     this.guestCid = fe.readGuestCid();
     const old = this.#rings;
@@ -226,18 +257,30 @@ export class VsockGuest {
   // Sockets
   // -------------------------------------------------------------------------------------
 
-  /** Listens on guest port `port` (any destination CID, like a socket bound to VMADDR_CID_ANY). */
-  listen(port: number): GuestListener {
-    return this.#transport.listen(port);
+  /**
+   * Listens on guest port `port` (any destination CID, like a socket bound to VMADDR_CID_ANY)
+   * with a stream (default) or seqpacket socket; a REQUEST of the other type gets an RST.
+   */
+  listen(port: number, opts: ListenOptions = {}): GuestListener {
+    return this.#transport.listen(port, opts);
   }
 
   /**
-   * Connects to `cid:port` (default the host, CID 2): REQUEST, then the RESPONSE. Rejects
-   * with GuestConnectError on RST ("refused"), on timeout (default 2 s, Linux's) or when a
-   * reset drops the attempt.
+   * Connects to `cid:port` (default the host, CID 2) with a stream (default) or seqpacket
+   * socket: REQUEST, then the RESPONSE. Rejects with GuestConnectError on RST ("refused"), on
+   * timeout (default 2 s, Linux's), when a reset drops the attempt, or at once for seqpacket
+   * without VIRTIO_VSOCK_F_SEQPACKET (ESOCKTNOSUPPORT).
    */
-  connect(port: number, cid = VSOCK_HOST_CID, opts: WaitOptions = {}): Promise<GuestConn> {
+  connect(port: number, cid = VSOCK_HOST_CID, opts: ConnectOptions = {}): Promise<GuestConn> {
     return this.#transport.connect(port, cid, opts);
+  }
+
+  /**
+   * Binds a datagram socket to guest port `port` (needs VIRTIO_VSOCK_F_DGRAM, else
+   * GuestConnError). See guest_dgram.ts.
+   */
+  bindDgram(port: number, opts: BindDgramOptions = {}): GuestDgramSocket {
+    return this.#transport.bindDgram(port, opts);
   }
 
   /**

@@ -16,12 +16,25 @@
  * - TRANSPORT_RESET (and a driver reset) drop every connection without packets, together with
  *   their packets still waiting for a tx buffer; listeners survive.
  *
+ * Socket types (`virtio_transport_recv_pkt`): STREAM and SEQPACKET connections share one table
+ * keyed by (local port, peer CID, peer port), and listeners one table keyed by port, as Linux's
+ * connected and bound tables do; a packet whose type differs from the socket's gets an RST
+ * (`virtio_transport_reset_no_sock`) and leaves the socket alone. A seqpacket connect needs
+ * VIRTIO_VSOCK_F_SEQPACKET (else ESOCKTNOSUPPORT); a SEQPACKET packet arriving without it is
+ * an anomaly and gets an RST. DGRAM packets (only with VIRTIO_VSOCK_F_DGRAM; otherwise an
+ * anomaly, dropped) go to the datagram socket bound to their port (guest_dgram.ts), never
+ * answered with an RST.
+ *
  * Header-only packets that find no free tx buffer wait in a FIFO backlog, drained before any new
  * packet is placed. Anything the back end does that a Linux guest would drop or that breaks the
  * spec is recorded as an anomaly.
  */
 
+import { featureMask } from "../virtio/features.ts";
 import {
+  MAX_PKT_PAYLOAD,
+  VIRTIO_VSOCK_F_DGRAM,
+  VIRTIO_VSOCK_F_SEQPACKET,
   VIRTIO_VSOCK_HDR_SIZE,
   VIRTIO_VSOCK_OP_CREDIT_REQUEST,
   VIRTIO_VSOCK_OP_CREDIT_UPDATE,
@@ -30,6 +43,8 @@ import {
   VIRTIO_VSOCK_OP_RST,
   VIRTIO_VSOCK_OP_RW,
   VIRTIO_VSOCK_OP_SHUTDOWN,
+  VIRTIO_VSOCK_TYPE_DGRAM,
+  VIRTIO_VSOCK_TYPE_SEQPACKET,
   VIRTIO_VSOCK_TYPE_STREAM,
 } from "../vsock/constants.ts";
 import { PacketHeader } from "../vsock/packet.ts";
@@ -39,9 +54,18 @@ import {
   GuestConn,
   GuestConnError,
   type WaitOptions,
+  wireType,
 } from "./guest_conn.ts";
+import {
+  type BindDgramOptions,
+  checkU32,
+  type DgramDriver,
+  GuestDgramSocket,
+  LINUX_RMEM_DEFAULT,
+} from "./guest_dgram.ts";
 import type {
   CapturedPacket,
+  GuestSocketType,
   GuestStats,
   PacketCapture,
   VsockGuestOptions,
@@ -62,6 +86,18 @@ export class GuestConnectError extends Error {
   }
 }
 
+/** Options of `VsockGuest.listen`. */
+export interface ListenOptions {
+  /** socket type (default "stream") */
+  readonly type?: GuestSocketType;
+}
+
+/** Options of `VsockGuest.connect`. */
+export interface ConnectOptions extends WaitOptions {
+  /** socket type (default "stream") */
+  readonly type?: GuestSocketType;
+}
+
 /** What a listener needs from the driver. */
 export type ListenerDriver = Pick<ConnDriver, "timeoutMs" | "waitFor">;
 
@@ -75,6 +111,8 @@ export class GuestListener {
     readonly port: number,
     private readonly driver: ListenerDriver,
     private readonly onClose: (l: GuestListener) => void,
+    /** socket type of the listener and of the connections it accepts */
+    readonly type: GuestSocketType = "stream",
   ) {}
 
   /** Connections accepted by the driver and not yet taken with `accept`. */
@@ -135,6 +173,8 @@ export interface TransportHost {
   rings(): GuestRings | null;
   /** the guest's CID (re-read on TRANSPORT_RESET) */
   cid(): number;
+  /** the virtio features the driver acked */
+  features(): bigint;
   /** throws if the driver is closed */
   checkUsable(): void;
   /** publishes queued buffers and kicks as needed */
@@ -148,12 +188,13 @@ interface Backlogged {
   readonly header: PacketHeader;
 }
 
-/** Connections, listeners and the packets between them and the rings. */
-export class GuestTransport implements ConnDriver {
+/** Connections, listeners, datagram sockets and the packets between them and the rings. */
+export class GuestTransport implements ConnDriver, DgramDriver {
   readonly timeoutMs: number;
   readonly closeTimeoutMs: number;
   readonly conns = new Map<string, GuestConn>();
   readonly listeners = new Map<number, GuestListener>();
+  readonly dgrams = new Map<number, GuestDgramSocket>();
   readonly backlog: Backlogged[] = [];
   readonly #host: TransportHost;
   readonly #captures = new Set<CapturedPacket[]>();
@@ -182,13 +223,14 @@ export class GuestTransport implements ConnDriver {
     return conn.credit.peerFree() > 0 && r.hasTxRoom(Infinity);
   }
 
-  sendData(conn: GuestConn, bytes: Uint8Array, off: number): number {
+  sendData(conn: GuestConn, bytes: Uint8Array, off: number, lastFlags: number): number {
     this.#host.checkUsable();
     let sent = 0;
     const maxPayload = this.#host.opts.maxPacketPayload ?? 65536;
     while (off + sent < bytes.length && this.canSendData(conn)) {
       const n = Math.min(bytes.length - off - sent, conn.credit.peerFree(), maxPayload);
-      const h = this.#fillHeader(this.#txHdr, conn, VIRTIO_VSOCK_OP_RW, 0);
+      const flags = off + sent + n === bytes.length ? lastFlags : 0;
+      const h = this.#fillHeader(this.#txHdr, conn, VIRTIO_VSOCK_OP_RW, flags);
       if (this.#place(conn, h, bytes, off + sent, n) === null) break;
       conn.credit.consumeTx(n); // n <= peerFree(): never beyond the peer's credit
       conn._sent(n);
@@ -213,21 +255,29 @@ export class GuestTransport implements ConnDriver {
   // ---- sockets ----
 
   /** See `VsockGuest.listen`. */
-  listen(port: number): GuestListener {
+  listen(port: number, opts: ListenOptions = {}): GuestListener {
     this.#host.checkUsable();
-    checkPort(port);
+    checkU32("port", port);
     if (this.listeners.has(port)) throw new GuestConnError(`guest port ${port} already listening`);
-    const l = new GuestListener(port, this, (x) => this.listeners.delete(x.port));
+    const l = new GuestListener(port, this, (x) => this.listeners.delete(x.port), opts.type);
     this.listeners.set(port, l);
     return l;
   }
 
   /** See `VsockGuest.connect`. */
-  async connect(port: number, cid: number, opts: WaitOptions): Promise<GuestConn> {
+  async connect(port: number, cid: number, opts: ConnectOptions): Promise<GuestConn> {
     this.#host.checkUsable();
-    checkPort(port);
+    checkU32("port", port);
+    const type = opts.type ?? "stream";
+    if (type === "seqpacket" && !this.#negotiated(VIRTIO_VSOCK_F_SEQPACKET)) {
+      throw new GuestConnectError(
+        `seqpacket connect to ${cid}:${port}: VIRTIO_VSOCK_F_SEQPACKET not negotiated ` +
+          `(ESOCKTNOSUPPORT: socket type not supported)`,
+        null,
+      );
+    }
     const local = this.#allocPort(cid, port);
-    const conn = new GuestConn(this, local, cid, port, this.#bufAlloc(), "connecting");
+    const conn = new GuestConn(this, local, cid, port, this.#bufAlloc(), "connecting", type);
     this.conns.set(key(local, cid, port), conn);
     this.sendControl(conn, VIRTIO_VSOCK_OP_REQUEST, 0);
     this.flush();
@@ -255,8 +305,28 @@ export class GuestTransport implements ConnDriver {
     );
   }
 
+  /** See `VsockGuest.bindDgram`. */
+  bindDgram(port: number, opts: BindDgramOptions = {}): GuestDgramSocket {
+    this.#host.checkUsable();
+    checkU32("port", port);
+    if (!this.#negotiated(VIRTIO_VSOCK_F_DGRAM)) {
+      throw new GuestConnError(
+        `bindDgram(${port}): VIRTIO_VSOCK_F_DGRAM not negotiated (ESOCKTNOSUPPORT)`,
+      );
+    }
+    if (this.dgrams.has(port)) throw new GuestConnError(`datagram port ${port} in use`);
+    const rcvBuf = opts.rcvBuf ?? this.#host.opts.dgramRcvBuf ?? LINUX_RMEM_DEFAULT;
+    const s = new GuestDgramSocket(this, port, rcvBuf);
+    this.dgrams.set(port, s);
+    return s;
+  }
+
   #bufAlloc(): number {
     return this.#host.opts.bufAlloc ?? LINUX_BUF_ALLOC;
+  }
+
+  #negotiated(bit: number): boolean {
+    return (this.#host.features() & featureMask(bit)) !== 0n;
   }
 
   #allocPort(cid: number, port: number): number {
@@ -276,7 +346,7 @@ export class GuestTransport implements ConnDriver {
     h.dstCid = conn.peerCid;
     h.srcPort = conn.localPort;
     h.dstPort = conn.peerPort;
-    h.type = VIRTIO_VSOCK_TYPE_STREAM;
+    h.type = wireType(conn.type);
     h.op = op;
     h.flags = flags;
     return h;
@@ -367,16 +437,34 @@ export class GuestTransport implements ConnDriver {
     if (h.len !== 0 && h.op !== VIRTIO_VSOCK_OP_RW) {
       this.#anomaly(`payload on a ${h.op} packet: ${h.describe()}`);
     }
-    if (h.type !== VIRTIO_VSOCK_TYPE_STREAM) {
+    if (h.type === VIRTIO_VSOCK_TYPE_DGRAM) {
+      this.#onDatagram(h, payload);
+      return;
+    }
+    const seqpacket = h.type === VIRTIO_VSOCK_TYPE_SEQPACKET;
+    if (!seqpacket && h.type !== VIRTIO_VSOCK_TYPE_STREAM) {
       this.#anomaly(`packet of unsupported type: ${h.describe()}`);
+      this.#resetNoSock(h);
+      return;
+    }
+    if (seqpacket && !this.#negotiated(VIRTIO_VSOCK_F_SEQPACKET)) {
+      this.#anomaly(
+        `packet of unsupported type (SEQPACKET, not negotiated): ${h.describe()}`,
+      );
       this.#resetNoSock(h);
       return;
     }
     const conn = this.conns.get(key(h.dstPort, h.srcCid, h.srcPort));
     if (conn === undefined) {
       const l = this.listeners.get(h.dstPort);
-      if (l !== undefined && h.op === VIRTIO_VSOCK_OP_REQUEST) this.#acceptRequest(l, h);
-      else this.#resetNoSock(h);
+      if (l !== undefined && wireType(l.type) === h.type && h.op === VIRTIO_VSOCK_OP_REQUEST) {
+        this.#acceptRequest(l, h);
+      } else this.#resetNoSock(h);
+      return;
+    }
+    if (wireType(conn.type) !== h.type) {
+      // virtio_transport_recv_pkt: the socket's type differs from the packet's
+      this.#resetNoSock(h);
       return;
     }
     conn.credit.updateFromPeer(h.bufAlloc, h.fwdCnt);
@@ -393,7 +481,7 @@ export class GuestTransport implements ConnDriver {
     const closing = conn.state === "closing";
     switch (h.op) {
       case VIRTIO_VSOCK_OP_RW:
-        if (h.len > 0 && !conn._onData(payload)) {
+        if ((h.len > 0 || seqpacket) && !conn._onData(payload, h.flags)) {
           this.#anomaly(
             `peer sent ${h.len} bytes beyond the credit we gave (${conn.describe()})`,
           );
@@ -436,11 +524,59 @@ export class GuestTransport implements ConnDriver {
       h.srcPort,
       this.#bufAlloc(),
       "established",
+      l.type,
     );
     conn.credit.updateFromPeer(h.bufAlloc, h.fwdCnt);
     this.conns.set(key(conn.localPort, conn.peerCid, conn.peerPort), conn);
     this.sendControl(conn, VIRTIO_VSOCK_OP_RESPONSE, 0);
     l._push(conn);
+  }
+
+  // ---- datagrams ----
+
+  /** A DGRAM packet: queued on the socket bound to its port, or dropped and counted. */
+  #onDatagram(h: PacketHeader, payload: Uint8Array): void {
+    const stats = this.#host.stats;
+    if (!this.#negotiated(VIRTIO_VSOCK_F_DGRAM)) {
+      this.#anomaly(`DGRAM packet without VIRTIO_VSOCK_F_DGRAM: ${h.describe()}`);
+      return;
+    }
+    if (h.op !== VIRTIO_VSOCK_OP_RW) {
+      stats.dgramRxInvalid++;
+      this.#anomaly(`DGRAM packet with op ${h.op} (only RW is valid): ${h.describe()}`);
+      return;
+    }
+    const s = this.dgrams.get(h.dstPort);
+    if (s === undefined) stats.dgramRxNoSocket++;
+    else if (s._deliver(h.srcCid, h.srcPort, payload)) stats.rxBytes += h.len;
+    else stats.dgramRxDropped++;
+  }
+
+  get maxDatagram(): number {
+    return Math.min(this.#host.opts.maxPacketPayload ?? MAX_PKT_PAYLOAD, MAX_PKT_PAYLOAD);
+  }
+
+  canSendDatagram(len: number): boolean {
+    const r = this.#host.rings();
+    return r !== null && this.backlog.length === 0 && r.hasTxRoom(len);
+  }
+
+  sendDatagram(sock: GuestDgramSocket, cid: number, port: number, bytes: Uint8Array): boolean {
+    this.#host.checkUsable();
+    if (!this.canSendDatagram(bytes.length)) return false;
+    const h = this.#txHdr.reset();
+    h.srcCid = this.#host.cid();
+    h.dstCid = cid;
+    h.srcPort = sock.port;
+    h.dstPort = port;
+    h.type = VIRTIO_VSOCK_TYPE_DGRAM;
+    h.op = VIRTIO_VSOCK_OP_RW;
+    // no connection: no credit stamped (buf_alloc and fwd_cnt stay 0)
+    return this.#place(null, h, bytes, 0, bytes.length) !== null;
+  }
+
+  unbind(sock: GuestDgramSocket): void {
+    if (this.dgrams.get(sock.port) === sock) this.dgrams.delete(sock.port);
   }
 
   /** virtio_transport_reset_no_sock: RST back, unless the packet is an RST. */
@@ -494,10 +630,4 @@ export class GuestTransport implements ConnDriver {
 
 function key(localPort: number, peerCid: number, peerPort: number): string {
   return `${localPort}:${peerCid}:${peerPort}`;
-}
-
-function checkPort(port: number): void {
-  if (!Number.isInteger(port) || port < 0 || port > 0xffffffff) {
-    throw new RangeError(`port ${port} is not a u32`);
-  }
 }

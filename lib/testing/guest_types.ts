@@ -1,11 +1,19 @@
 /**
- * The public types of the testing guest driver (`VsockGuest`, guest_driver.ts): its options,
- * counters, raw-chain descriptors for fault injection, packet captures and snapshots. They
+ * The public types of the testing guest driver (`VsockGuest`, guest_driver.ts): socket types,
+ * its options, counters, raw-chain descriptors for fault injection, packet captures and
+ * snapshots. They
  * live apart from the driver so that its parts (guest_rings.ts, guest_transport.ts) can share
  * them without importing the driver itself.
  */
 
 import type { PacketHeader } from "../vsock/packet.ts";
+
+/**
+ * Connection-oriented socket types: "stream" (SOCK_STREAM, VIRTIO_VSOCK_TYPE_STREAM) or
+ * "seqpacket" (SOCK_SEQPACKET, VIRTIO_VSOCK_TYPE_SEQPACKET: message boundaries carried by
+ * VIRTIO_VSOCK_SEQ_EOM / _EOR on RW packets).
+ */
+export type GuestSocketType = "stream" | "seqpacket";
 
 /** Options of `VsockGuest.boot`. */
 export interface VsockGuestOptions {
@@ -42,6 +50,12 @@ export interface VsockGuestOptions {
   readonly kickBeforeEnable?: boolean;
   /** first local port connect() uses (default 1024; Linux picks a random one above 1023) */
   readonly firstEphemeralPort?: number;
+  /**
+   * receive queue bound of each datagram socket in payload bytes (default 212992, Linux's
+   * net.core.rmem_default for sk_rcvbuf); a datagram arriving at a fuller queue is dropped
+   * and counted
+   */
+  readonly dgramRcvBuf?: number;
 }
 
 /** Counters for tests and benchmarks. */
@@ -63,6 +77,30 @@ export interface GuestStats {
   txUsedNonZeroLen: number;
   /** kicks not delivered because the front end was closed */
   kicksLost: number;
+  /** datagrams dropped because the bound socket's receive queue was full */
+  dgramRxDropped: number;
+  /** datagrams dropped because no socket is bound to their port (no RST: connectionless) */
+  dgramRxNoSocket: number;
+  /** DGRAM packets with an op other than RW (invalid; dropped) */
+  dgramRxInvalid: number;
+}
+
+/** Fresh counters, all zero. */
+export function newGuestStats(): GuestStats {
+  return {
+    kicks: [0, 0, 0],
+    interrupts: [0, 0, 0],
+    rxPackets: 0,
+    txPackets: 0,
+    rxBytes: 0,
+    txBytes: 0,
+    creditUpdatesSent: 0,
+    txUsedNonZeroLen: 0,
+    kicksLost: 0,
+    dgramRxDropped: 0,
+    dgramRxNoSocket: 0,
+    dgramRxInvalid: 0,
+  };
 }
 
 /** One descriptor of a raw chain (`VsockGuest.addRawChain`). */

@@ -6,7 +6,9 @@
  * hybrid-vsock sockets `U` and `U_<port>` never collide with another test), copies the
  * daemon's stdout and stderr to a log file as they arrive, and resolves once the vhost-user
  * socket exists (QEMU connects to it as a client, so it must be listening first). It rejects,
- * quoting the log, if the daemon exits or the socket does not appear in time.
+ * quoting the log, if the daemon exits or the socket does not appear in time. With `vms`, one
+ * daemon serves several sibling VMs (`--vm guest-cid=N,socket=S_N,uds-path=U_N,groups=G` each)
+ * and every vhost-user socket must exist.
  *
  * `stop()` sends SIGTERM (the daemon closes its sockets and removes its socket files), sends
  * SIGKILL if it has not exited after a grace period, always reaps the process, drains its
@@ -35,6 +37,18 @@ export interface BackendOptions {
   logFile?: string;
   /** time allowed until the vhost-user socket exists (default 30 s) */
   readyTimeoutMs?: number;
+  /**
+   * several VMs in one daemon (`--vm`, replaces `guestCid`): VMs sharing a group reach each
+   * other by CID. Their sockets are `sockets[i]` / `udsPaths[i]`.
+   */
+  vms?: readonly SiblingVm[];
+}
+
+/** One VM of a multi-VM daemon. */
+export interface SiblingVm {
+  guestCid: number;
+  /** `groups=` (NAME[+NAME]; default: the daemon's default group) */
+  groups?: string;
 }
 
 let logCounter = 0;
@@ -59,10 +73,14 @@ function isSocket(path: string): boolean {
 export class BackendProcess {
   /** temporary directory holding the sockets */
   readonly dir: string;
-  /** vhost-user socket (give it to `GuestVM.boot({ vhostSocket })`) */
+  /** vhost-user socket (give it to `GuestVM.boot({ vhostSocket })`); the first VM's */
   readonly socket: string;
   /** hybrid-vsock socket: host apps connect here; guest connects go to `${udsPath}_<port>` */
   readonly udsPath: string;
+  /** every VM's vhost-user socket, in `vms` order (one entry without `vms`) */
+  readonly sockets: readonly string[];
+  /** every VM's hybrid-vsock socket, in `vms` order */
+  readonly udsPaths: readonly string[];
   /** the daemon's stdout + stderr */
   readonly logFile: string;
   readonly guestCid: number;
@@ -82,8 +100,8 @@ export class BackendProcess {
     proc: Deno.ChildProcess,
     fields: {
       dir: string;
-      socket: string;
-      udsPath: string;
+      sockets: string[];
+      udsPaths: string[];
       logFile: string;
       guestCid: number;
       args: string[];
@@ -93,8 +111,10 @@ export class BackendProcess {
   ) {
     this.#proc = proc;
     this.dir = fields.dir;
-    this.socket = fields.socket;
-    this.udsPath = fields.udsPath;
+    this.sockets = fields.sockets;
+    this.udsPaths = fields.udsPaths;
+    this.socket = fields.sockets[0];
+    this.udsPath = fields.udsPaths[0];
     this.logFile = fields.logFile;
     this.guestCid = fields.guestCid;
     this.args = fields.args;
@@ -110,15 +130,27 @@ export class BackendProcess {
   /** Starts the daemon and waits until its vhost-user socket exists. */
   static async start(opts: BackendOptions = {}): Promise<BackendProcess> {
     const dir = await Deno.makeTempDir({ prefix: "e2e-backend-" });
-    const guestCid = opts.guestCid ?? 3;
+    const guestCid = opts.vms?.[0]?.guestCid ?? opts.guestCid ?? 3;
     const socket = `${dir}/vhost.sock`;
     const udsPath = `${dir}/vm.vsock`;
+    const vmArgs: string[] = [];
+    const sockets = opts.vms ? opts.vms.map((v) => `${dir}/vhost-${v.guestCid}.sock`) : [socket];
+    const udsPaths = opts.vms ? opts.vms.map((v) => `${dir}/vm-${v.guestCid}.vsock`) : [udsPath];
+    for (const [i, v] of (opts.vms ?? []).entries()) {
+      const groups = v.groups === undefined ? "" : `,groups=${v.groups}`;
+      vmArgs.push(
+        "--vm",
+        `guest-cid=${v.guestCid},socket=${sockets[i]},uds-path=${udsPaths[i]}${groups}`,
+      );
+    }
     const named = opts.logFile ?? logDirFile();
     const logFile = named ??
       await Deno.makeTempFile({ prefix: "e2e-backend-", suffix: ".log" });
     const args = [
       ...["run", "-A", MAIN_TS],
-      ...["--guest-cid", String(guestCid), "--socket", socket, "--uds-path", udsPath],
+      ...(opts.vms
+        ? vmArgs
+        : ["--guest-cid", String(guestCid), "--socket", socket, "--uds-path", udsPath]),
       ...["--log-level", opts.logLevel ?? "info"],
       ...(opts.extraArgs ?? []),
     ];
@@ -139,19 +171,19 @@ export class BackendProcess {
     }
     const backend = new BackendProcess(proc, {
       dir,
-      socket,
-      udsPath,
+      sockets,
+      udsPaths,
       logFile,
       guestCid,
       args,
       tempLog: named === undefined,
     }, log);
     const deadline = Date.now() + (opts.readyTimeoutMs ?? DEFAULT_READY_TIMEOUT_MS);
-    while (!isSocket(socket)) {
+    while (!sockets.every(isSocket)) {
       if (backend.#status !== null || Date.now() >= deadline) {
         const why = backend.#status !== null
           ? `exited with status ${backend.#status.code}`
-          : `did not create ${socket} in time`;
+          : `did not create ${sockets.join(", ")} in time`;
         await backend.stop();
         throw new Error(`backend ${why}\n${backend.logTail()}`);
       }

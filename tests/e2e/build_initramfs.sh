@@ -4,8 +4,13 @@
 # Outputs (relative to the repository root):
 #   build/e2e/vmlinuz            the newest /boot/vmlinuz-*cloud-amd64 kernel
 #   build/e2e/initramfs.cpio.gz  busybox-static + socat (with its shared libraries and the
-#                                dynamic loader) + the virtio-pci and vsock kernel modules
-#                                (with a trimmed modules.dep for busybox modprobe) + /init
+#                                dynamic loader) + vsock_seq + the virtio-pci and vsock kernel
+#                                modules (with a trimmed modules.dep for busybox modprobe) + /init
+#   build/e2e/vsock_seq          tests/e2e/vsock_seq.c built with `gcc -static -O2` (the
+#                                guest's AF_VSOCK SOCK_SEQPACKET tool: socat and busybox have
+#                                none); without gcc and a static libc (Debian: gcc libc6-dev)
+#                                it is left out, the reason is in build/e2e/vsock_seq.missing,
+#                                and the seqpacket e2e tests are skipped
 #
 # /init mounts proc/sys/dev, loads virtio_pci and the virtio vsock transport, quiets the
 # kernel console, turns off tty echo, prints the ready marker and runs an interactive shell
@@ -15,7 +20,8 @@
 # Idempotent: a stamp of every input (this script, the kernel, busybox, socat, its
 # libraries and the modules: path, size, mtime) is kept next to the outputs; when it
 # matches, nothing is rebuilt. Set E2E_FORCE_REBUILD=1 to rebuild anyway.
-# Needs the Debian packages linux-image-cloud-amd64, busybox-static and socat.
+# Needs the Debian packages linux-image-cloud-amd64, busybox-static and socat (and gcc +
+# libc6-dev for vsock_seq).
 set -euo pipefail
 
 READY_MARKER="E2E-GUEST-READY"
@@ -30,6 +36,9 @@ repo_root="$(cd "$(dirname "$script_path")/../.." && pwd)"
 out_dir="${E2E_BUILD_DIR:-$repo_root/build/e2e}"
 out_initrd="$out_dir/initramfs.cpio.gz"
 out_kernel="$out_dir/vmlinuz"
+out_vsock_seq="$out_dir/vsock_seq"
+vsock_seq_missing="$out_dir/vsock_seq.missing"
+vsock_seq_src="$repo_root/tests/e2e/vsock_seq.c"
 stamp_file="$out_dir/.inputs.stamp"
 
 # ---- locate inputs -------------------------------------------------------------------------
@@ -130,6 +139,9 @@ mapfile -t busybox_libs <<<"$busybox_libs_txt"
 # An empty list (static busybox) reads as one empty line: drop it.
 [ -n "$busybox_libs_txt" ] || busybox_libs=()
 inputs=("$script_path" "$kernel" "$busybox" "$socat" "${socat_libs[@]}" "${busybox_libs[@]}")
+inputs+=("$vsock_seq_src")
+gcc="$(command -v gcc || true)"
+[ -z "$gcc" ] || inputs+=("$(readlink -f "$gcc")")
 for rel in "${ordered_mods[@]}"; do inputs+=("$moddir/$rel"); done
 stamp="$(for f in "${inputs[@]}"; do stat -L -c '%n %s %Y' "$f"; done | sha256sum | cut -d' ' -f1)"
 
@@ -144,12 +156,29 @@ fi
 mkdir -p "$out_dir"
 root="$(mktemp -d "$out_dir/.root.XXXXXX")"
 tmp_out="$out_initrd.tmp.$$"
-trap 'rm -rf "$root" "$tmp_out" "$out_kernel.tmp.$$" "$stamp_file.tmp.$$"' EXIT
+trap 'rm -rf "$root" "$tmp_out" "$out_kernel.tmp.$$" "$stamp_file.tmp.$$" "$out_vsock_seq.tmp.$$"' EXIT
 
 mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,etc,proc,sys,dev,tmp,run,root,lib64}
 chmod 1777 "$root/tmp"
 
 cp "$busybox" "$root/bin/busybox"
+
+# vsock_seq: static, so it needs nothing else in the guest. Optional (see the header).
+rm -f "$vsock_seq_missing"
+if [ -z "$gcc" ]; then
+  echo "gcc not found (install: apt-get install gcc libc6-dev)" >"$vsock_seq_missing"
+elif ! gcc_out="$("$gcc" -static -O2 -Wall -o "$out_vsock_seq.tmp.$$" "$vsock_seq_src" 2>&1)"; then
+  printf 'gcc -static failed (install: apt-get install gcc libc6-dev):\n%s\n' "$gcc_out" \
+    >"$vsock_seq_missing"
+  rm -f "$out_vsock_seq.tmp.$$"
+else
+  mv -f "$out_vsock_seq.tmp.$$" "$out_vsock_seq"
+  cp "$out_vsock_seq" "$root/usr/bin/vsock_seq"
+fi
+if [ -e "$vsock_seq_missing" ]; then
+  rm -f "$out_vsock_seq"
+  echo "build_initramfs: vsock_seq left out, seqpacket e2e tests will be skipped: $(head -n 1 "$vsock_seq_missing")" >&2
+fi
 ln -s busybox "$root/bin/sh" # the other applet links are made by /init (busybox --install)
 
 # socat and its libraries at the paths the loader looks for them.

@@ -28,6 +28,23 @@ import { createHash } from "node:crypto";
 import { ensureGuestImage, GuestVM, missingPrerequisites } from "./guest_vm.ts";
 import { BackendProcess } from "./backend.ts";
 import { concat } from "../../lib/testing/bytes.ts";
+import {
+  BOOT_TIMEOUT_MS,
+  type Diagnostics,
+  diagnostics,
+  GUEST_CMD_TIMEOUT_MS,
+  GUEST_KERNEL_ARGS,
+  guestOk,
+  type GuestProcess,
+  guestRun,
+  guestSpawn,
+  LISTEN_TIMEOUT_MS,
+  report,
+  sleep,
+  tail,
+  TRANSFER_TIMEOUT_MS,
+  within,
+} from "./e2e_util.ts";
 
 const missing = missingPrerequisites();
 const required = Boolean(Deno.env.get("CI") || Deno.env.get("E2E_REQUIRED"));
@@ -42,88 +59,12 @@ const KiB = 1024;
 const enc = new TextEncoder();
 const dec = new TextDecoder();
 
-/** Deadlines: generous for TCG on a busy 2-core machine, short enough to never hang CI. */
-const BOOT_TIMEOUT_MS = 90_000;
-const TRANSFER_TIMEOUT_MS = 60_000;
-const GUEST_CMD_TIMEOUT_MS = 30_000;
-/** How long a guest listener may take to come up (socat start-up under TCG). */
-const LISTEN_TIMEOUT_MS = 15_000;
-/**
- * Under TCG on a loaded host the kernel's IO-APIC timer check can fail ("IO-APIC + timer
- * doesn't work!", a panic at boot); the check is pointless on a virtual machine.
- */
-const GUEST_KERNEL_ARGS = "no_timer_check";
 /** Kick after start: the queued CONNECT must be answered this soon after the guest is ready. */
 const EARLY_CONNECT_MAX_MS = 1_000;
 /** A refused guest connect must fail faster than this (no connect timeout involved). */
 const REFUSED_MAX_MS = 2_000;
 /** After a driver reset, the backend must close the host app's socket within this long. */
 const RESET_CLOSE_MAX_MS = 5_000;
-
-// ---- diagnostics and deadlines -------------------------------------------------------------
-
-/** What a failure message quotes: the guest console tail and the backend log tail. */
-interface Diagnostics {
-  vm?: GuestVM;
-  backend?: BackendProcess;
-}
-
-function tail(text: string, chars = 3000): string {
-  return text.length > chars ? `...${text.slice(-chars)}` : text;
-}
-
-function diagnostics(d: Diagnostics): string {
-  const parts: string[] = [];
-  if (d.vm) {
-    const where = d.vm.logFile ? ` (whole log: ${d.vm.logFile})` : "";
-    parts.push(`--- guest console (tail)${where} ---\n${tail(d.vm.consoleLog)}`);
-  }
-  if (d.backend) parts.push(d.backend.logTail(3000));
-  return parts.join("\n");
-}
-
-/**
- * Resolves like `p`, or rejects after `ms` with `what` and the diagnostics. `p` is never left
- * with an unhandled rejection (the caller's finally block closes what it waits on).
- */
-async function within<T>(p: Promise<T>, ms: number, what: string, d: Diagnostics): Promise<T> {
-  p.catch(() => {});
-  let timer: ReturnType<typeof setTimeout> | undefined;
-  const timeout = new Promise<never>((_, reject) => {
-    timer = setTimeout(
-      () => reject(new Error(`timed out after ${ms} ms waiting for ${what}\n${diagnostics(d)}`)),
-      ms,
-    );
-  });
-  try {
-    return await Promise.race([p, timeout]);
-  } finally {
-    clearTimeout(timer);
-  }
-}
-
-/** Rethrows a guest command failure with the backend log appended. */
-async function guestOk(d: Required<Diagnostics>, cmd: string, ms = GUEST_CMD_TIMEOUT_MS) {
-  try {
-    return await d.vm.runOk(cmd, ms);
-  } catch (e) {
-    throw new Error(`${(e as Error).message}\n${d.backend.logTail(3000)}`);
-  }
-}
-
-async function guestRun(d: Required<Diagnostics>, cmd: string, ms = GUEST_CMD_TIMEOUT_MS) {
-  try {
-    return await d.vm.run(cmd, ms);
-  } catch (e) {
-    throw new Error(`${(e as Error).message}\n${d.backend.logTail(3000)}`);
-  }
-}
-
-function report(what: string, ms: number): void {
-  console.log(`e2e: ${what}: ${Math.round(ms)} ms`);
-}
-
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 // ---- host-side sockets ---------------------------------------------------------------------
 
@@ -304,27 +245,6 @@ function parseSha256sum(out: string): Map<string, string> {
     m.set(path, hex);
   }
   return m;
-}
-
-interface GuestProcess {
-  pid: number;
-  /** kills its whole session (it runs in a session of its own) */
-  stop(): Promise<void>;
-  /** shell test: true while the process exists and is not a zombie */
-  aliveTest: string;
-}
-
-/** Starts a background guest command (see `GuestVM.spawn`). */
-async function guestSpawn(d: Required<Diagnostics>, cmd: string): Promise<GuestProcess> {
-  const { pid } = await d.vm.spawn(cmd);
-  return {
-    pid,
-    stop: async () => {
-      await d.vm.run(`kill -9 -- -${pid} 2>/dev/null; kill -9 ${pid} 2>/dev/null; true`)
-        .catch(() => {});
-    },
-    aliveTest: `{ [ -e /proc/${pid}/status ] && ! grep -q '^State:.*Z' /proc/${pid}/status; }`,
-  };
 }
 
 const TRANSPORT_DRIVER_DIR = "/sys/bus/virtio/drivers/vmw_vsock_virtio_transport";

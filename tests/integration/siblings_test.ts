@@ -79,3 +79,30 @@ Deno.test("a guest cannot reach a VM outside its groups: RST", async () => {
     await vms.stop();
   }
 });
+
+Deno.test("siblings: seqpacket keeps message boundaries and EOR", async () => {
+  const vms = await twoVms("g1");
+  try {
+    const l = vms.b.listen(7100, { type: "seqpacket" });
+    const connecting = vms.a.connect(7100, 4, { type: "seqpacket" });
+    const inB = await l.accept({ timeoutMs: 5000 });
+    const inA = await connecting;
+    const msgs = [1, 4096, 65536, 128 * 1024, 7].map((n, i) => pattern(n, i + 3));
+    const sending = (async () => {
+      for (const [i, m] of msgs.entries()) await inA.sendMessage(m, { eor: i % 2 === 0 });
+    })();
+    for (const [i, m] of msgs.entries()) {
+      const got = await inB.readMessage();
+      assert.deepEqual(got?.data, m, `message ${i}`);
+      assert.equal(got?.eor, i % 2 === 0, `message ${i} EOR`);
+    }
+    await sending;
+    // Both guests must run for the close handshake (a guest runs while it is waited on).
+    await Promise.all([inA.close(), inB.waitClosed()]);
+    assert.equal(inA.closeReason, "closed");
+    assert.deepEqual([...vms.a.anomalies, ...vms.b.anomalies], []);
+  } finally {
+    const exit = await vms.stop();
+    assert.doesNotMatch(exit.stderr, /ERROR/);
+  }
+});

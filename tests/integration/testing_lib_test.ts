@@ -33,10 +33,15 @@ import {
   VhostUserRequest as R,
 } from "../../lib/vhost_user/protocol.ts";
 import {
+  featureMask,
   VIRTIO_F_VERSION_1_MASK,
   VIRTIO_RING_F_EVENT_IDX_MASK,
   VIRTIO_RING_F_INDIRECT_DESC_MASK,
 } from "../../lib/virtio/features.ts";
+import { VIRTIO_VSOCK_F_SEQPACKET } from "../../lib/vsock/constants.ts";
+
+/** VIRTIO_VSOCK_F_SEQPACKET: QEMU 7.2 passes it to the guest and Linux 6.1 acks it. */
+const SEQPACKET_MASK = featureMask(VIRTIO_VSOCK_F_SEQPACKET);
 
 const enc = new TextEncoder();
 const dec = new TextDecoder();
@@ -188,7 +193,8 @@ Deno.test("qemu profile: QEMU 7.2 realize + start sequence, reply values, CID", 
     // QEMU never sends bit 0 (F_STREAM) to the guest; Linux acks what it knows.
     assert.equal(
       vm.guest.features,
-      VIRTIO_F_VERSION_1_MASK | VIRTIO_RING_F_EVENT_IDX_MASK | VIRTIO_RING_F_INDIRECT_DESC_MASK,
+      VIRTIO_F_VERSION_1_MASK | VIRTIO_RING_F_EVENT_IDX_MASK | VIRTIO_RING_F_INDIRECT_DESC_MASK |
+        SEQPACKET_MASK,
     );
     assert.equal(fe.ackedFeatures, vm.guest.features | (1n << 30n));
     // Status as QEMU left it; GET_CONFIG answers directly too.
@@ -245,7 +251,7 @@ Deno.test("front end options: withhold EVENT_IDX, INDIRECT_DESC, REPLY_ACK; NEED
     frontEnd: { eventIdx: false, indirectDesc: false, replyAck: false },
     guest: { txPayloadSegments: 3 },
   }, async (vm) => {
-    assert.equal(vm.guest.features, VIRTIO_F_VERSION_1_MASK);
+    assert.equal(vm.guest.features, VIRTIO_F_VERSION_1_MASK | SEQPACKET_MASK);
     assert.equal(vm.frontEnd.ackedProtocolFeatures & PF.REPLY_ACK, 0n);
     // Without REPLY_ACK QEMU uses GET_FEATURES as a barrier after SET_STATUS.
     const names = vm.frontEnd.trace.map((t) => t.name);

@@ -85,7 +85,8 @@ export class LogLimiter {
     readonly what: string,
     readonly burst = 10,
     readonly intervalMs = 5000,
-    readonly level: LogLevel = "warn",
+    /** level of the summary line (the held-back lines may be of any level) */
+    readonly level: LogLevel = "info",
   ) {}
 
   /** Lines held back in the current interval. */

@@ -252,7 +252,8 @@ export class VhostUserBackend {
   #finishIfHungUp(): boolean {
     const rev = pollFds([this.#connFd], [POLLIN], 0)[0];
     if ((rev & (POLLHUP | POLLERR)) === 0) return false;
-    this.#serve(Infinity);
+    if (this.#held) this.#disconnect("front end hung up while its reply was pending");
+    else this.#serve(Infinity);
     return this.#connFd < 0;
   }
 

@@ -39,11 +39,7 @@ import {
   TRANSFER_TIMEOUT_MS,
   within,
 } from "./e2e_util.ts";
-import {
-  seqpacketHybridConnect,
-  SeqpacketListener,
-  SeqpacketRefused,
-} from "./host_seqpacket.ts";
+import { seqpacketHybridConnect, SeqpacketListener, SeqpacketRefused } from "./host_seqpacket.ts";
 import { pattern } from "../../lib/testing/host.ts";
 
 const KiB = 1024;

@@ -55,6 +55,7 @@ export * from "./guest_conn.ts";
 export * from "./guest_driver.ts";
 export * from "./guest_ram.ts";
 export * from "./host.ts";
+export * from "./timeout.ts";
 export { DriverSplitQueue } from "./driver_queue.ts";
 export type { DriverQueueOptions, DriverSegment, UsedElem } from "./driver_queue.ts";
 export { PacketHeader } from "../vsock/packet.ts";

@@ -54,7 +54,11 @@ Deno.test("regionOf: ranges ending exactly at a region's end are inside, one byt
       const i = indexOf(mem, d.guestAddr);
       const end = d.guestAddr + d.size;
       for (const len of [1, 2, 16, 44, 4096, d.size]) {
-        assert.equal(mem.regionOf(end - len, len), i, `[end - ${len}, end) of 0x${end.toString(16)}`);
+        assert.equal(
+          mem.regionOf(end - len, len),
+          i,
+          `[end - ${len}, end) of 0x${end.toString(16)}`,
+        );
         // One byte past the end: never this region. An adjacent region does not hold it whole
         // either (regionOf is "entirely inside one region"), unless it is all in that region.
         const next = len === 1 ? mem.regionOf(end, 1) : -1;
@@ -83,26 +87,28 @@ Deno.test("regionOf: len 0, NaN, negative, huge and unsafe arguments", () => {
     assert.equal(mem.regionOf(0x10_0000 + PAGE, 0), 2, "len 0 at the very end");
     assert.equal(mem.regionOf(0x10_0000 + PAGE + 1, 0), -1, "len 0 one past the end");
     assert.equal(mem.regionOf(6 * PAGE + 1, 0), -1, "len 0 in a gap");
-    for (const [gpa, len] of [
-      [NaN, 1],
-      [0, NaN],
-      [NaN, NaN],
-      [0, -1],
-      [4 * PAGE, -1],
-      [4 * PAGE + 1, -2],
-      [-1, 1],
-      [-1, 2],
-      [-PAGE, PAGE + 1],
-      [0, Infinity],
-      [Infinity, 1],
-      [-Infinity, Infinity],
-      [0, 2 ** 53],
-      [2 ** 40, 2 ** 64],
-      [2 ** 64, 1],
-      [2 ** 64 - PAGE, PAGE],
-      [Number.MAX_SAFE_INTEGER, 1],
-      [Number.MAX_VALUE, 0],
-    ]) {
+    for (
+      const [gpa, len] of [
+        [NaN, 1],
+        [0, NaN],
+        [NaN, NaN],
+        [0, -1],
+        [4 * PAGE, -1],
+        [4 * PAGE + 1, -2],
+        [-1, 1],
+        [-1, 2],
+        [-PAGE, PAGE + 1],
+        [0, Infinity],
+        [Infinity, 1],
+        [-Infinity, Infinity],
+        [0, 2 ** 53],
+        [2 ** 40, 2 ** 64],
+        [2 ** 64, 1],
+        [2 ** 64 - PAGE, PAGE],
+        [Number.MAX_SAFE_INTEGER, 1],
+        [Number.MAX_VALUE, 0],
+      ]
+    ) {
       assert.equal(mem.regionOf(gpa, len), -1, `regionOf(${gpa}, ${len})`);
     }
   });
@@ -136,17 +142,19 @@ Deno.test("vaToGpa: front-end addresses at the edges of each region translate, o
 Deno.test("vaToGpa: len 0, NaN, huge arguments", () => {
   withMemory((mem) => {
     assert.equal(mem.vaToGpa(0x7f00_0000_0000, 0), 0);
-    for (const [va, len] of [
-      [NaN, 1],
-      [0x7f00_0000_0000, NaN],
-      [0x7f00_0000_0000, Infinity],
-      [Infinity, 1],
-      [-Infinity, 1],
-      [0, 1],
-      [0x7f00_0000_0000, 2 ** 53],
-      [2 ** 64, 1],
-      [Number.MAX_VALUE, 1],
-    ]) {
+    for (
+      const [va, len] of [
+        [NaN, 1],
+        [0x7f00_0000_0000, NaN],
+        [0x7f00_0000_0000, Infinity],
+        [Infinity, 1],
+        [-Infinity, 1],
+        [0, 1],
+        [0x7f00_0000_0000, 2 ** 53],
+        [2 ** 64, 1],
+        [Number.MAX_VALUE, 1],
+      ]
+    ) {
       assert.equal(mem.vaToGpa(va, len), null, `vaToGpa(${va}, ${len})`);
     }
   });

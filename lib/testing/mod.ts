@@ -53,6 +53,7 @@ export * from "./faults.ts";
 export * from "./front_end.ts";
 export * from "./guest_conn.ts";
 export * from "./guest_driver.ts";
+export * from "./guest_fuzz.ts";
 export * from "./guest_ram.ts";
 export * from "./host.ts";
 export * from "./timeout.ts";

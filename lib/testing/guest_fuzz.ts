@@ -24,7 +24,6 @@ import {
   VRING_DESC_F_NEXT,
   VRING_DESC_F_WRITE,
   VRING_DESC_SIZE,
-  writeDescriptor,
 } from "../virtio/split_layout.ts";
 import { VSOCK_VQ_RX, VSOCK_VQ_TX } from "../vsock/constants.ts";
 
@@ -274,13 +273,14 @@ export async function fuzzGuest(
         }));
       }
       case 2: { // indirect table of a few segments
-        const segs = Array.from({ length: int(1, 6) }, (_, k) => ({
+        const n = int(1, 6);
+        const segs = Array.from({ length: n }, (_, k) => ({
           addr: elsewhere + 1024 * k,
           len: pick([1, 20, 24, 44, 100, 1000]),
-          flags: W,
+          flags: W | (k + 1 < n ? VRING_DESC_F_NEXT : 0),
         }));
         const tableGpa = elsewhere + 7168;
-        writeTable(vm, tableGpa, segs);
+        vm.faults.writeDescTable(tableGpa, segs); // next: the following entry
         return [{
           addr: tableGpa,
           len: VRING_DESC_SIZE * segs.length,
@@ -425,18 +425,6 @@ export async function fuzzGuest(
     maxRssKiB: maxRss,
     maxLogLinesPerSec: maxLogRate,
   };
-}
-
-/** Writes `descs` as an indirect table at `gpa` (next = the following entry). */
-function writeTable(vm: VmHandle, gpa: number, descs: readonly RawDescriptor[]): void {
-  const b = new Uint8Array(VRING_DESC_SIZE * descs.length);
-  const v = new DataView(b.buffer);
-  descs.forEach((d, k) => {
-    const last = k === descs.length - 1;
-    const flags = d.flags | (last ? 0 : VRING_DESC_F_NEXT);
-    writeDescriptor(v, VRING_DESC_SIZE * k, d.addr, d.len, flags, last ? 0 : k + 1);
-  });
-  vm.memory.write(gpa, b);
 }
 
 /** USER_HZ: /proc/<pid>/stat counts CPU time in these. */

@@ -227,6 +227,13 @@ async function readLine(conn: Deno.Conn, timeoutMs = 10000): Promise<string | nu
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
+/** Closes a host socket that may already be closed (by a timeout helper or a test step). */
+function closeQuietly(conn: Deno.Conn): void {
+  try {
+    conn.close();
+  } catch { /* already closed */ }
+}
+
 /** Host -> guest connection + guest accept on `port` (the guest listener must exist). */
 async function hostToGuest(
   vm: VmHandle,
@@ -349,16 +356,21 @@ Deno.test("CONNECT line in 1-byte pieces, then data in a separate write before O
       await writeAll(conn, early);
       return await readLine(conn);
     })();
-    const guest = await listener.accept();
-    const ok = await handshake;
-    assert.match(ok ?? "<EOF>", /^OK \d+$/);
-    const got = await guest.readExactly(early.length);
-    assertSameBytes(got, early, "bytes sent right after the CONNECT line");
-    // The stream continues normally.
-    await roundTrip(guest, conn, 64 * KiB, "after the early data");
-    conn.close();
-    await guest.close();
-    listener.close();
+    try {
+      // Awaited together: a host-side error (BrokenPipe when the back end closes the socket)
+      // rejects this test instead of escaping as an unhandled rejection that aborts the module.
+      const [guest, ok] = await Promise.all([listener.accept(), handshake]);
+      assert.match(ok ?? "<EOF>", /^OK \d+$/);
+      const got = await guest.readExactly(early.length);
+      assertSameBytes(got, early, "bytes sent right after the CONNECT line");
+      // The stream continues normally.
+      await roundTrip(guest, conn, 64 * KiB, "after the early data");
+      closeQuietly(conn);
+      await guest.close();
+    } finally {
+      closeQuietly(conn);
+      listener.close();
+    }
   });
 });
 
@@ -373,12 +385,20 @@ Deno.test("CONNECT line and data in one write, line split mid-keyword across wri
       await writeAll(conn, concat([enc.encode("ECT 5002\n"), payload]));
       return await readLine(conn);
     })();
-    const guest = await listener.accept();
-    assert.match((await handshake) ?? "<EOF>", /^OK \d+$/);
-    assertSameBytes(await guest.readExactly(payload.length), payload, "data in the CONNECT write");
-    conn.close();
-    await guest.close();
-    listener.close();
+    try {
+      const [guest, ok] = await Promise.all([listener.accept(), handshake]);
+      assert.match(ok ?? "<EOF>", /^OK \d+$/);
+      assertSameBytes(
+        await guest.readExactly(payload.length),
+        payload,
+        "data in the CONNECT write",
+      );
+      closeQuietly(conn);
+      await guest.close();
+    } finally {
+      closeQuietly(conn);
+      listener.close();
+    }
   });
 });
 

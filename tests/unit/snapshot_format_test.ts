@@ -9,6 +9,7 @@ import {
   type VsockSnapshot,
 } from "../../lib/snapshot/format.ts";
 import { crc32 } from "../../lib/snapshot/crc32.ts";
+import { PROPERTY_TIME_LIMIT } from "../../lib/testing/timeout.ts";
 
 const sample: VsockSnapshot = {
   guestCid: 42,
@@ -75,6 +76,52 @@ Deno.test("snapshot: arbitrary bytes give a state or a SnapshotError, never anot
         if (!(e instanceof SnapshotError)) throw e;
       }
     }),
-    { numRuns: 2000 },
+    { numRuns: 2000, ...PROPERTY_TIME_LIMIT },
   );
+});
+
+/** Replaces `from` with `to` (same length) in the JSON body of an encoded state, keeping the CRC. */
+function editBody(state: Uint8Array, from: string, to: string): Uint8Array {
+  assert.equal(from.length, to.length, "same length: only the CRC can notice");
+  const text = new TextDecoder().decode(state.subarray(16, state.length - 4));
+  const at = text.indexOf(from);
+  assert.ok(at >= 0, `${from} in the body`);
+  const out = state.slice();
+  out.set(new TextEncoder().encode(to), 16 + at);
+  return out;
+}
+
+/** Recomputes the CRC of an encoded state (what a careful forger would do). */
+function reseal(state: Uint8Array): Uint8Array {
+  const out = state.slice();
+  const end = out.length - 4;
+  new DataView(out.buffer).setUint32(end, crc32(out.subarray(0, end)), true);
+  return out;
+}
+
+Deno.test("snapshot CRC: a changed value that is still valid JSON is refused; resealed it is accepted", () => {
+  const good = encodeSnapshot(sample);
+  // Each edit leaves a well-formed state a decoder without the CRC would load silently.
+  const edits: [string, string, (s: VsockSnapshot) => unknown][] = [
+    ['"guestCid":42', '"guestCid":43', (s) => s.guestCid],
+    ['"peerPort":1234', '"peerPort":1235', (s) => s.connections[0].peerPort],
+    ["[22,1234]", "[23,1234]", (s) => s.guestListenerPorts],
+    // JSON whitespace keeps the length: a flag flipped to its other value.
+    [
+      '"transportResetPending":false',
+      '"transportResetPending":true ',
+      (s) => s.transportResetPending,
+    ],
+  ];
+  const want = [43, 1235, [23, 1234], true];
+  edits.forEach(([from, to, field], i) => {
+    const forged = editBody(good, from, to);
+    assert.throws(() => decodeSnapshot(forged), SnapshotError, `${to} with the old CRC`);
+    const resealed = decodeSnapshot(reseal(forged));
+    assert.deepEqual(field(resealed), want[i], `${to} resealed`);
+    assert.notDeepEqual(resealed, sample);
+  });
+  // The untouched state decodes, and resealing it changes nothing.
+  assert.deepEqual(reseal(good), good);
+  assert.deepEqual(decodeSnapshot(good), sample);
 });

@@ -8,6 +8,7 @@
 import assert from "node:assert/strict";
 import fc from "fast-check";
 import { type DriverSegment, DriverSplitQueue } from "../../lib/testing/driver_queue.ts";
+import { GuestRam } from "../../lib/testing/guest_ram.ts";
 import { DescChain } from "../../lib/virtio/desc_chain.ts";
 import {
   findRegion,
@@ -37,6 +38,7 @@ import {
   VRING_DESC_F_WRITE,
   VRING_USED_F_NO_NOTIFY,
   vringNeedEvent,
+  writeDescriptor,
 } from "../../lib/virtio/split_layout.ts";
 import {
   POP_CHAIN,
@@ -45,6 +47,7 @@ import {
   QueueError,
   SplitQueue,
 } from "../../lib/virtio/split_queue.ts";
+import { PROPERTY_TIME_LIMIT } from "../../lib/testing/timeout.ts";
 
 // Memory map used by most tests: two adjacent regions, a gap, a third region.
 const R0 = { gpa: 0x0, size: 0x10000 };
@@ -71,12 +74,17 @@ function setup(
     startIdx?: number;
     maxIndirectDescs?: number;
     capacity?: number;
+    /** called after each dirty mark is recorded (e.g. to act as the driver at that moment) */
+    onDirty?: (gpa: number, len: number) => void;
   } = {},
 ): Setup {
   const size = opts.size ?? 8;
   const eventIdx = opts.eventIdx ?? false;
   const dirty: [number, number][] = [];
-  const mem = new PlainGuestMemory([R0, R1, R2], (gpa, len) => dirty.push([gpa, len]));
+  const mem = new PlainGuestMemory([R0, R1, R2], (gpa, len) => {
+    dirty.push([gpa, len]);
+    opts.onDirty?.(gpa, len);
+  });
   const l = compactRingLayout(size, RING_BASE, eventIdx);
   const drv = new DriverSplitQueue(mem, size, l.descGpa, l.availGpa, l.usedGpa, {
     eventIdx,
@@ -1136,6 +1144,289 @@ Deno.test("property: arbitrary tables and avail rings: pop never throws, stays i
         mem.regions.forEach((r, i) => assert.deepEqual(r.bytes, before[i]));
       },
     ),
-    { numRuns: 3000 },
+    { numRuns: 3000, ...PROPERTY_TIME_LIMIT },
   );
+});
+
+// ---------------------------------------------------------------------------
+// Edges of guest memory, over real memfd mappings (GuestRam)
+
+// Two adjacent regions, then two more each after a gap. A descriptor ending exactly at a
+// region's end is inside; one byte further is outside (after a gap) or continues in the
+// adjacent region (a second segment). Off by one here reads or writes past a mapping.
+const EDGE_REGIONS = [
+  { gpa: 0x0, size: 0x10000 },
+  { gpa: 0x10000, size: 0x4000 },
+  { gpa: 0x40000, size: 0x1000 },
+  { gpa: 0x80000, size: 0x2000 },
+];
+
+interface EdgeSetup {
+  ram: GuestRam;
+  drv: DriverSplitQueue;
+  dev: SplitQueue;
+  chain: DescChain;
+}
+
+function withEdgeRam(fn: (s: EdgeSetup) => void): void {
+  const ram = new GuestRam({ regions: EDGE_REGIONS });
+  try {
+    const size = 8;
+    const l = compactRingLayout(size, 0x1000, true);
+    const drv = new DriverSplitQueue(ram, size, l.descGpa, l.availGpa, l.usedGpa, {
+      eventIdx: true,
+    });
+    const dev = new SplitQueue(size, ram, l.descGpa, l.availGpa, l.usedGpa, {
+      eventIdx: true,
+      indirect: true,
+    });
+    fn({ ram, drv, dev, chain: new DescChain(16) });
+  } finally {
+    ram.close();
+  }
+}
+
+/**
+ * Posts `segs` (through an indirect table at `table` if given), pops it, returns it to the
+ * driver (used len 0 when invalid, as the device does) and returns what pop said plus the
+ * segments. The driver must get the head back whatever happened.
+ */
+function edgePop(
+  s: EdgeSetup,
+  segs: DriverSegment[],
+  table?: number,
+): { res: number; segs: [number, number, number][]; used: number } {
+  const head = s.drv.addBuffer(segs, table);
+  assert.notEqual(head, -1);
+  s.drv.publish();
+  const res = s.dev.pop(s.chain);
+  assert.notEqual(res, POP_EMPTY);
+  assert.equal(s.chain.head, head);
+  const got = segments(s.chain);
+  const written = res === POP_CHAIN ? s.chain.writableLen : 0;
+  s.dev.pushUsed(s.chain.head, written);
+  s.dev.publishUsed();
+  const u = s.drv.popUsed();
+  assert.deepEqual(u, { head, len: written });
+  assert.equal(s.dev.broken, null);
+  return { res, segs: got, used: u!.len };
+}
+
+Deno.test("edges of memory: buffers ending exactly at each region's end are accepted, one byte past is not", () => {
+  withEdgeRam((s) => {
+    s.ram.regions.forEach((r, i) => {
+      const end = r.gpa + r.size;
+      const adjacent = s.ram.regionOf(end, 1); // the region right after, or -1
+      for (const [what, mk] of [["readable (tx)", rd], ["writable (rx)", wr]] as const) {
+        for (const len of [1, 44, 45, 4096]) {
+          const at = `${what} ${len} bytes at the end of region ${i}`;
+          const inside = edgePop(s, [mk(end - len, len)]);
+          assert.equal(inside.res, POP_CHAIN, `${at}: ${s.dev.lastError}`);
+          assert.deepEqual(inside.segs, [[i, r.size - len, len]], at);
+          const past = edgePop(s, [mk(end - len + 1, len)]);
+          if (adjacent < 0) {
+            assert.equal(past.res, POP_INVALID, `${at} + 1: accepted`);
+            assert.equal(past.used, 0);
+          } else {
+            // Continues into the adjacent region: two segments, each inside its mapping.
+            assert.equal(past.res, POP_CHAIN, `${at} + 1: ${s.dev.lastError}`);
+            assert.deepEqual(
+              past.segs,
+              len === 1 ? [[adjacent, 0, 1]] : [[i, r.size - len + 1, len - 1], [adjacent, 0, 1]],
+              `${at} + 1`,
+            );
+          }
+        }
+      }
+      // A header in one descriptor, the payload ending at the edge (rx: all writable).
+      const rx = edgePop(s, [wr(end - 1024 - 44, 44), wr(end - 1024, 1024)]);
+      assert.equal(rx.res, POP_CHAIN, s.dev.lastError);
+      assert.equal(rx.used, 1068);
+    });
+  });
+});
+
+/**
+ * Pops a chain of one INDIRECT descriptor whose table of `entries` (encoded as 16-byte
+ * descriptors) starts at `table`; table bytes outside RAM are simply not written (the device
+ * must not read them). Returns pop's result; the head goes back with used len 0 if invalid.
+ */
+function edgePopIndirect(s: EdgeSetup, table: number, entries: DriverSegment[]): number {
+  const bytes = new Uint8Array(16 * entries.length);
+  const v = new DataView(bytes.buffer);
+  entries.forEach((e, k) => {
+    const last = k === entries.length - 1;
+    const flags = (e.writable ? VRING_DESC_F_WRITE : 0) | (last ? 0 : VRING_DESC_F_NEXT);
+    writeDescriptor(v, 16 * k, e.gpa, e.len, flags, last ? 0 : k + 1);
+  });
+  // Byte by byte through the mappings, independently of regionOf (the code under test).
+  for (let k = 0; k < bytes.length; k++) {
+    const g = table + k;
+    const r = s.ram.regions.find((r) => g >= r.gpa && g < r.gpa + r.size);
+    if (r !== undefined) r.bytes[g - r.gpa] = bytes[k];
+  }
+  const head = 6;
+  s.drv.writeDesc(head, table, bytes.length, VRING_DESC_F_INDIRECT, 0);
+  s.drv.pushAvailRaw(head);
+  s.drv.publish();
+  const res = s.dev.pop(s.chain);
+  assert.equal(s.chain.head, head);
+  s.dev.pushUsed(head, 0);
+  s.dev.publishUsed();
+  assert.deepEqual(s.drv.popUsed(), { head, len: 0 });
+  assert.equal(s.dev.broken, null);
+  return res;
+}
+
+Deno.test("edges of memory: indirect tables ending exactly at a region's end are accepted, one byte past is not", () => {
+  withEdgeRam((s) => {
+    s.ram.regions.forEach((r, i) => {
+      const end = r.gpa + r.size;
+      const data = [rd(0x4000, 44), wr(0x5000, 100)];
+      for (const entries of [1, 2]) {
+        const table = end - 16 * entries;
+        const what = `table of ${entries} at the end of region ${i}`;
+        assert.equal(edgePopIndirect(s, table, data.slice(0, entries)), POP_CHAIN, what);
+        assert.equal(s.chain.descCount, entries + 1);
+        assert.deepEqual(segments(s.chain), [[0, 0x4000, 44], [0, 0x5000, 100]].slice(0, entries));
+        // One byte further: a table must lie inside one region, adjacent or not.
+        const past = edgePopIndirect(s, table + 1, data.slice(0, entries));
+        assert.equal(past, POP_INVALID, `${what}, one byte past`);
+        assert.equal(s.chain.count, 0);
+      }
+    });
+    // Entries of a table pointing at the edges follow the buffer rules.
+    const last = s.ram.regions[3];
+    const end = last.gpa + last.size;
+    assert.equal(edgePop(s, [wr(end - 44, 44)], 0x6000).res, POP_CHAIN);
+    assert.equal(edgePop(s, [wr(end - 43, 44)], 0x6000).res, POP_INVALID);
+    // And the queue still works.
+    assert.equal(edgePop(s, [rd(0x4000, 44)]).res, POP_CHAIN);
+  });
+});
+
+// ---------------------------------------------------------------------------
+// popOrArm: pop, or arm notifications and re-check ("enable notification, then re-check")
+
+Deno.test("popOrArm on an empty ring arms notifications and reports POP_EMPTY", () => {
+  // EVENT_IDX: avail_event = the avail idx the device has consumed up to.
+  {
+    const { drv, dev, chain } = setup({ eventIdx: true });
+    drv.addBuffer([wr(BUF, 8)]);
+    drv.addBuffer([wr(BUF + 8, 8)]);
+    drv.publish();
+    assert.equal(dev.popOrArm(chain), POP_CHAIN);
+    assert.equal(dev.popOrArm(chain), POP_CHAIN);
+    assert.equal(drv.readAvailEvent(), 0, "not armed while buffers were there");
+    assert.equal(dev.popOrArm(chain), POP_EMPTY);
+    assert.equal(drv.readAvailEvent(), 2, "armed at the next avail idx");
+    drv.addBuffer([wr(BUF, 8)]);
+    drv.publish();
+    assert.equal(drv.kickNeeded(), true, "the next buffer comes with a kick");
+  }
+  // Without EVENT_IDX: VRING_USED_F_NO_NOTIFY cleared.
+  {
+    const { drv, dev, chain } = setup();
+    dev.disableNotification();
+    assert.equal(drv.readUsedFlags() & VRING_USED_F_NO_NOTIFY, VRING_USED_F_NO_NOTIFY);
+    assert.equal(dev.popOrArm(chain), POP_EMPTY);
+    assert.equal(drv.readUsedFlags() & VRING_USED_F_NO_NOTIFY, 0);
+    drv.addBuffer([wr(BUF, 8)]);
+    drv.publish();
+    assert.equal(drv.kickNeeded(), true);
+  }
+});
+
+Deno.test("popOrArm returns a buffer published while it armed notifications, not POP_EMPTY", () => {
+  for (const eventIdx of [true, false]) {
+    const l = compactRingLayout(8, RING_BASE, eventIdx);
+    // The arm's store: avail_event (EVENT_IDX) or used.flags.
+    const armGpa = eventIdx ? l.usedGpa + 4 + 8 * 8 : l.usedGpa;
+    let inject = 0;
+    let injected = -1;
+    const s: Setup = setup({
+      eventIdx,
+      onDirty(gpa) {
+        // The driver, between the device's empty check and its re-read, adds a buffer; it
+        // saw notifications off (or avail_event stale), so it will never kick for it.
+        if (gpa !== armGpa || inject === 0) return;
+        if (!eventIdx && (s.drv.readUsedFlags() & VRING_USED_F_NO_NOTIFY) !== 0) return;
+        inject--;
+        injected = s.drv.addBuffer([wr(BUF + 0x100, 32)]);
+        s.drv.publish();
+      },
+    });
+    const { drv, dev, chain } = s;
+    drv.addBuffer([wr(BUF, 8)]);
+    drv.publish();
+    dev.disableNotification();
+    assert.equal(dev.popOrArm(chain), POP_CHAIN);
+    inject = 1;
+    assert.equal(dev.popOrArm(chain), POP_CHAIN, `EVENT_IDX ${eventIdx}: the re-check`);
+    assert.equal(chain.head, injected);
+    assert.equal(chain.writableLen, 32);
+    assert.equal(inject, 0);
+    // Now it is really empty: armed, POP_EMPTY.
+    assert.equal(dev.popOrArm(chain), POP_EMPTY);
+    if (eventIdx) assert.equal(drv.readAvailEvent(), 2);
+    else assert.equal(drv.readUsedFlags() & VRING_USED_F_NO_NOTIFY, 0);
+  }
+});
+
+Deno.test("popOrArm on a broken ring yields nothing and does not spin", () => {
+  const { drv, dev, chain } = setup({ eventIdx: true });
+  drv.setAvailIdxRaw(100);
+  assert.equal(dev.popOrArm(chain), POP_EMPTY);
+  assert.notEqual(dev.broken, null);
+  assert.equal(dev.popOrArm(chain), POP_EMPTY);
+});
+
+// ---------------------------------------------------------------------------
+// Loops, by behaviour: consumed, bounded work, returned with len 0, the next chain works
+
+Deno.test("a chain that loops is consumed after bounded work, returned with used len 0, and the next chain works", () => {
+  const loops: [string, (d: DriverSplitQueue) => number][] = [
+    ["self loop", (d) => {
+      d.writeDesc(4, BUF, 8, VRING_DESC_F_NEXT, 4);
+      return 4;
+    }],
+    ["two-descriptor cycle", (d) => {
+      d.writeDesc(2, BUF, 8, VRING_DESC_F_NEXT, 3);
+      d.writeDesc(3, BUF + 8, 8, VRING_DESC_F_NEXT, 2);
+      return 2;
+    }],
+    ["cycle through every descriptor", (d) => {
+      for (let i = 0; i < 8; i++) d.writeDesc(i, BUF + 16 * i, 16, VRING_DESC_F_NEXT, (i + 1) % 8);
+      return 0;
+    }],
+    ["cycle inside an indirect table", (d) => {
+      d.writeDescAt(TABLE, BUF, 8, VRING_DESC_F_NEXT, 1);
+      d.writeDescAt(TABLE + 16, BUF + 8, 8, VRING_DESC_F_NEXT, 0);
+      d.writeDesc(5, TABLE, 32, VRING_DESC_F_INDIRECT, 0);
+      return 5;
+    }],
+  ];
+  for (const [what, build] of loops) {
+    // A DescChain with room for far more segments than a loop-free chain can have: only
+    // loop detection ends the walk early.
+    const { drv, dev } = setup({ indirect: true });
+    const chain = new DescChain(4096);
+    const head = build(drv);
+    drv.pushAvailRaw(head);
+    drv.publish();
+    assert.equal(dev.pop(chain), POP_INVALID, what);
+    assert.equal(chain.head, head);
+    assert.equal(chain.count, 0, `${what}: nothing usable`);
+    assert.ok(chain.descCount <= 8 + 1, `${what}: walked ${chain.descCount} descriptors`);
+    assert.equal(dev.broken, null);
+    dev.pushUsed(chain.head, 0);
+    dev.publishUsed();
+    assert.deepEqual(drv.popUsed(), { head, len: 0 }, what);
+    drv.writeDesc(7, BUF + 0x200, 44, 0, 0);
+    drv.pushAvailRaw(7);
+    drv.publish();
+    assert.equal(dev.pop(chain), POP_CHAIN, `${what}: the next chain`);
+    assert.deepEqual(segments(chain), [[0, BUF + 0x200, 44]]);
+    assert.equal(dev.pop(chain), POP_EMPTY);
+  }
 });

@@ -14,7 +14,7 @@
  * touched, while logging is switched on by the negotiated features.
  */
 import { close, fdSize, type Mapping, mapShared, unmap } from "../../ffi/mod.ts";
-import { findRegion, type GuestMemory, type MemRegion } from "../virtio/memory.ts";
+import { findRegion, type GuestMemory, type MemRegion, rangeInside } from "../virtio/memory.ts";
 
 /** Dirty log granularity of vhost: 4 KiB pages. */
 export const VHOST_LOG_PAGE = 4096;
@@ -90,9 +90,7 @@ export class MappedGuestMemory implements GuestMemory {
   /** Front-end virtual address -> guest-physical, if [va, va+len) lies in one region. */
   vaToGpa(va: number, len: number): number | null {
     for (const r of this.#regions) {
-      if (va >= r.userAddr && len <= r.size && va - r.userAddr <= r.size - len) {
-        return r.gpa + (va - r.userAddr);
-      }
+      if (rangeInside(r.userAddr, r.size, va, len)) return r.gpa + (va - r.userAddr);
     }
     return null;
   }

@@ -97,10 +97,17 @@ export function findRegion(
   len: number,
 ): number {
   for (let i = 0; i < regions.length; i++) {
-    const r = regions[i];
-    if (gpa >= r.gpa && len >= 0 && len <= r.size && gpa - r.gpa <= r.size - len) return i;
+    if (rangeInside(regions[i].gpa, regions[i].size, gpa, len)) return i;
   }
   return -1;
+}
+
+/**
+ * Whether [addr, addr+len) lies inside [base, base+size): the one bounds check of guest
+ * addresses. Written so that NaN, negative lengths and huge values all fail.
+ */
+export function rangeInside(base: number, size: number, addr: number, len: number): boolean {
+  return addr >= base && len >= 0 && len <= size && addr - base <= size - len;
 }
 
 /**
@@ -122,6 +129,7 @@ export function walkGuest(
     const r = mem.regions[i];
     const off = gpa + done - r.gpa;
     const n = Math.min(len - done, r.size - off);
+    if (!(n > 0)) return done; // a region that does not hold the byte it was asked for
     each(r, off, done, n);
     done += n;
   }

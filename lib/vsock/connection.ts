@@ -76,6 +76,7 @@ import {
 } from "./constants.ts";
 import { Credit } from "./credit.ts";
 import type { PacketHeader } from "./packet.ts";
+import { RX_BATCH_MAX_CHAINS, type RxChainSource } from "./rx_batch.ts";
 import type { RxFlow } from "./rx_scheduler.ts";
 import type { DeviceStats } from "./stats.ts";
 import type { TxGather } from "./tx_gather.ts";
@@ -98,6 +99,12 @@ export const Pending = {
   CREDIT_REQUEST: 32,
 } as const;
 
+/** Scratch for `#readHost`: the extra chains of one read and their payload room. */
+const EXTRA_CHAINS: DescChain[] = [];
+const EXTRA_CAPS = new Uint32Array(RX_BATCH_MAX_CHAINS);
+/** Leave a few of the context's iovecs unused by multi-chain reads (a chain may need several). */
+const MAX_READ_IOV = 60;
+
 /** A buffer for the zero-length iovec of a message-size peek. */
 const PEEK_BYTE = new Uint8Array(1);
 /** poll(2) event: the peer shut down its writing side. */
@@ -117,6 +124,8 @@ export interface ConnectionContext {
   readonly iov: BigUint64Array;
   /** message I/O for seqpacket host sockets */
   readonly msgIo: MessageIo;
+  /** further rx chains for multi-buffer reads (while the device fills a buffer), or null */
+  readonly rxChains: RxChainSource | null;
   /** the header `fillRx` fills; written into the chain by `emit` */
   readonly header: PacketHeader;
   /** writes `header` at the start of the chain's writable part */
@@ -623,31 +632,74 @@ export class VsockConnection implements RxFlow {
       chain.writeFrom(early.subarray(0, n), VIRTIO_VSOCK_HDR_SIZE);
       this.fromHost = n < early.length ? early.subarray(n) : null;
     } else {
-      const iov = this.ctx.iov;
-      const iovs = chain.hostIovecs(chain.mem!, iov, VIRTIO_VSOCK_HDR_SIZE, max, true);
-      n = readvRaw(this.hostFd, iov, iovs);
-      if (n === -EAGAIN) {
-        this.hostReadable = false;
-        return -1;
-      }
-      if (n === 0) {
-        this.#hostEofSeen();
-        return -1;
-      }
-      if (n < 0) {
-        this.ctx.logEvent(
-          `vsock: host socket error on ${this.describe()} (errno ${-n}); resetting`,
-        );
-        this.reset();
-        return -1;
-      }
-      chain.markWritten(VIRTIO_VSOCK_HDR_SIZE, n);
+      return this.#readHost(chain, max);
     }
+    return this.#dataPacket(chain, n);
+  }
+
+  /** Finishes an RW packet of `n` payload bytes already in `chain`. */
+  #dataPacket(chain: DescChain, n: number): number {
     this.credit.consumeTx(n);
     this.ctx.stats.rxBytes += n;
     this.initHeader(VIRTIO_VSOCK_OP_RW, 0, n);
     this.ctx.emit(chain);
     return VIRTIO_VSOCK_HDR_SIZE + n;
+  }
+
+  /**
+   * Reads host bytes straight into `chain` (at most `max`) and, while the guest's credit
+   * allows more, into further rx chains lent by `ctx.rxChains` (see rx_batch.ts): one readv,
+   * one RW packet per chain. Returns the first packet's length, or -1 with nothing read.
+   */
+  #readHost(chain: DescChain, max: number): number {
+    const iov = this.ctx.iov;
+    let iovs = chain.hostIovecs(chain.mem!, iov, VIRTIO_VSOCK_HDR_SIZE, max, true);
+    const first = chain.iovBytes;
+    const src = this.ctx.rxChains;
+    let extra = 0;
+    let credit = this.credit.peerFree() - first;
+    while (src !== null && credit > 0 && first === max && iovs < MAX_READ_IOV) {
+      const c = src.take();
+      if (c === null) break;
+      const want = Math.min(c.writableLen - VIRTIO_VSOCK_HDR_SIZE, credit, MAX_PKT_PAYLOAD);
+      const k = c.hostIovecs(c.mem!, iov, VIRTIO_VSOCK_HDR_SIZE, want, true, iovs);
+      if (c.iovBytes === 0) {
+        src.giveBack(1);
+        break;
+      }
+      EXTRA_CHAINS[extra] = c;
+      EXTRA_CAPS[extra] = c.iovBytes;
+      extra++;
+      iovs += k;
+      credit -= c.iovBytes;
+    }
+    const n = readvRaw(this.hostFd, iov, iovs);
+    if (n <= 0) {
+      if (extra > 0) src!.giveBack(extra);
+      if (n === -EAGAIN) this.hostReadable = false;
+      else if (n === 0) this.#hostEofSeen();
+      else {
+        this.ctx.logEvent(
+          `vsock: host socket error on ${this.describe()} (errno ${-n}); resetting`,
+        );
+        this.reset();
+      }
+      return -1;
+    }
+    const n0 = Math.min(n, first);
+    chain.markWritten(VIRTIO_VSOCK_HDR_SIZE, n0);
+    const len = this.#dataPacket(chain, n0);
+    let left = n - n0;
+    let filled = 0;
+    for (; filled < extra && left > 0; filled++) {
+      const c = EXTRA_CHAINS[filled];
+      const ni = Math.min(left, EXTRA_CAPS[filled]);
+      c.markWritten(VIRTIO_VSOCK_HDR_SIZE, ni);
+      src!.complete(c, this.#dataPacket(c, ni));
+      left -= ni;
+    }
+    if (filled < extra) src!.giveBack(extra - filled);
+    return len;
   }
 
   /**

@@ -59,6 +59,7 @@ import {
 } from "./constants.ts";
 import { type VsockDeviceOptions, VsockMuxer } from "./muxer.ts";
 import { RestoreGate } from "./restore.ts";
+import { RxBatch } from "./rx_batch.ts";
 import { type DeviceStats, newDeviceStats } from "./stats.ts";
 
 export type { DeviceStats } from "./stats.ts";
@@ -82,6 +83,8 @@ export class VsockDevice implements VirtioDevice {
   #evt: ActiveQueue | null = null;
   readonly #rxChain: DescChain;
   readonly #txChain: DescChain;
+  /** extra rx chains for multi-buffer reads */
+  readonly #batch: RxBatch;
   #rxNeedsRun = false;
   #txNeedsRun = false;
   #rxSignal = false;
@@ -106,6 +109,7 @@ export class VsockDevice implements VirtioDevice {
     this.maxQueueSize = options.queueSize;
     this.#rxChain = new DescChain(Math.max(options.queueSize, 1024) * 2);
     this.#txChain = new DescChain(Math.max(options.queueSize, 1024) * 2);
+    this.#batch = new RxBatch(64);
     const requestRx = () => {
       this.#rxNeedsRun = true;
     };
@@ -304,7 +308,10 @@ export class VsockDevice implements VirtioDevice {
         this.#rxSignal = true;
         continue;
       }
+      this.#batch.begin(q);
+      muxer.rxChains = this.#batch;
       const len = muxer.fillRx(chain);
+      muxer.rxChains = null;
       if (len < 0) {
         // Nobody could use this buffer after all (no data on the socket yet): give it
         // back to the avail ring; connections still owing packets stay queued.
@@ -312,9 +319,10 @@ export class VsockDevice implements VirtioDevice {
         break;
       }
       q.pushUsed(chain.head, len);
+      const more = this.#batch.flushUsed(); // chains filled by the same read, in ring order
       this.#rxSignal = true;
-      this.stats.rxPackets++;
-      produced++;
+      this.stats.rxPackets += 1 + more;
+      produced += 1 + more;
     }
     muxer.scheduler.compact();
     this.#reportBroken(q, "rx");

@@ -49,6 +49,7 @@ import {
 import { type DgramContext, DgramEndpoint, type DgramStats } from "./dgram.ts";
 import { HostListener } from "./host_listener.ts";
 import { HeaderError, HeaderScratch, type PacketHeader, validateHeader } from "./packet.ts";
+import type { RxChainSource } from "./rx_batch.ts";
 import { type RxFlow, RxScheduler } from "./rx_scheduler.ts";
 import { type SiblingEndpoint, SiblingHub, type SiblingPacket } from "./sibling_hub.ts";
 import { SiblingInbox } from "./sibling_inbox.ts";
@@ -91,6 +92,8 @@ export class VsockMuxer implements ConnectionContext, DgramContext, SiblingEndpo
   readonly gather: TxGather = new TxGather();
   readonly iov: BigUint64Array = new BigUint64Array(2 * MAX_IOV);
   readonly msgIo: MessageIo = new MessageIo();
+  /** set by the device around each rx buffer fill (multi-buffer reads) */
+  rxChains: RxChainSource | null = null;
   readonly scratch: HeaderScratch = new HeaderScratch();
   readonly header: PacketHeader = this.scratch.h;
   readonly scheduler: RxScheduler = new RxScheduler();

@@ -26,13 +26,16 @@
  * posting buffers nobody can use costs one pass, never a loop.
  */
 import type { DescChain } from "../virtio/desc_chain.ts";
-import { VIRTIO_VSOCK_HDR_SIZE } from "./constants.ts";
+import { MAX_PKT_PAYLOAD, VIRTIO_VSOCK_HDR_SIZE } from "./constants.ts";
 
 /** Standalone RSTs (for packets that match no connection) owed to the guest, at most. */
 export const MAX_PENDING_RESETS = 1024;
 
 /** Bytes a flow may send per round of weight 1: one Linux rx buffer (4 KiB of payload). */
 export const RX_QUANTUM = 4096 + VIRTIO_VSOCK_HDR_SIZE;
+
+/** Rounds one buffer may go through while every flow pays back an overdraft. */
+const MAX_DEBT_ROUNDS = Math.ceil((MAX_PKT_PAYLOAD + VIRTIO_VSOCK_HDR_SIZE) / RX_QUANTUM) + 1;
 
 /** A reply owed for a packet that matched no connection. */
 export interface OrphanReset {
@@ -93,32 +96,40 @@ export class RxScheduler {
   fill(chain: DescChain): number {
     const room = chain.writableLen - VIRTIO_VSOCK_HDR_SIZE;
     let len = -1;
-    for (let budget = this.queuedFlows; budget > 0 && this.hasFlows; budget--) {
-      const f = this.#flows[this.#head];
-      if (f.done) {
-        this.#dequeue();
-        continue;
-      }
-      if (f.deficit <= 0) {
-        f.deficit += RX_QUANTUM * f.weight;
-        if (f.deficit <= 0) { // still paying back an overdraft: skip this round
-          this.#toBack();
+    // One pass visits each queued flow once. A pass in which every flow was still paying
+    // back an overdraft is a round without sends: DRR goes on to the next round (a flow's
+    // debt is at most one packet, so this ends within MAX_PKT_PAYLOAD / RX_QUANTUM rounds).
+    for (let rounds = 0; len < 0 && rounds <= MAX_DEBT_ROUNDS; rounds++) {
+      let inDebt = 0;
+      for (let budget = this.queuedFlows; budget > 0 && this.hasFlows; budget--) {
+        const f = this.#flows[this.#head];
+        if (f.done) {
+          this.#dequeue();
           continue;
         }
+        if (f.deficit <= 0) {
+          f.deficit += RX_QUANTUM * f.weight;
+          if (f.deficit <= 0) { // still paying back an overdraft: skip this round
+            this.#toBack();
+            inDebt++;
+            continue;
+          }
+        }
+        if (!f.canSendInto(room)) { // keeps its place and its deficit
+          this.#head++;
+          f.inRxQueue = false;
+          this.#passed.push(f);
+          continue;
+        }
+        len = f.fillRx(chain);
+        if (len > 0) f.deficit -= len;
+        if (!f.hasRxWork() || f.done) this.#dequeue();
+        else if (f.deficit <= 0 || len < 0) this.#toBack();
+        if (len >= 0) break;
       }
-      if (!f.canSendInto(room)) { // keeps its place and its deficit
-        this.#head++;
-        f.inRxQueue = false;
-        this.#passed.push(f);
-        continue;
-      }
-      len = f.fillRx(chain);
-      if (len > 0) f.deficit -= len;
-      if (!f.hasRxWork() || f.done) this.#dequeue();
-      else if (f.deficit <= 0 || len < 0) this.#toBack();
-      if (len >= 0) break;
+      this.#restorePassedOver();
+      if (inDebt === 0) break;
     }
-    this.#restorePassedOver();
     return len;
   }
 

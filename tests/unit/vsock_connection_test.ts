@@ -52,6 +52,7 @@ class Ctx implements ConnectionContext {
   readonly gather = new TxGather();
   readonly iov = new BigUint64Array(2 * 64);
   readonly msgIo = new MessageIo();
+  readonly rxChains = null;
   readonly scratch = new HeaderScratch();
   readonly header = this.scratch.h;
   scheduled = 0;

@@ -30,7 +30,11 @@ import { sys } from "../../ffi/libc.ts";
 import { POLLERR, POLLHUP, POLLIN } from "../../ffi/mod.ts";
 import { type FrontEndProfile, VhostUserFrontEnd } from "../../lib/testing/front_end.ts";
 import { LINUX_DRIVER_FEATURES } from "../../lib/testing/guest_driver.ts";
-import { featureMask, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC } from "../../lib/virtio/features.ts";
+import {
+  featureMask,
+  VIRTIO_RING_F_EVENT_IDX,
+  VIRTIO_RING_F_INDIRECT_DESC,
+} from "../../lib/virtio/features.ts";
 import {
   MAX_PKT_PAYLOAD,
   VIRTIO_VSOCK_EVENT_TRANSPORT_RESET,
@@ -359,7 +363,9 @@ export class LeanGuest {
       return this.#resetNoSock(h);
     }
     let c = this.#last;
-    if (c === null || c.localPort !== h.dstPort || c.peerPort !== h.srcPort || c.peerCid !== h.srcCid) {
+    if (
+      c === null || c.localPort !== h.dstPort || c.peerPort !== h.srcPort || c.peerCid !== h.srcCid
+    ) {
       c = this.conns.get(key(h.dstPort, h.srcCid, h.srcPort)) ?? null;
       if (c === null) {
         const l = this.#listeners.get(h.dstPort);

@@ -19,7 +19,7 @@
  * (`virtqueue_enable_cb`); kicks follow `virtqueue_kick_prepare` (both in `DriverSplitQueue`).
  */
 
-import { DriverSplitQueue, type DriverSegment } from "../../lib/testing/driver_queue.ts";
+import { type DriverSegment, DriverSplitQueue } from "../../lib/testing/driver_queue.ts";
 import type { QueueSetup } from "../../lib/testing/front_end.ts";
 import type { GuestRam } from "../../lib/testing/guest_ram.ts";
 import { compactRingLayout } from "../../lib/virtio/split_layout.ts";

@@ -21,8 +21,9 @@
  * back end, medians are reported.
  *
  * Output: tables on stdout, `--json FILE` with every figure and run, `--markdown FILE` with the
- * tables as Markdown, progress on stderr. Exit status 1 when data was corrupted or lost, 2 when
- * something stalled (every wait has a timeout), else 0; targets are printed, never enforced.
+ * tables as Markdown, progress on stderr. Exit status 1 when data was corrupted or lost (or the
+ * guest saw the first back end break the spec), 2 when something stalled (every wait has a
+ * timeout), else 0; targets are printed, never enforced.
  */
 import { existsSync } from "node:fs";
 import { parseArgs } from "node:util";
@@ -500,6 +501,11 @@ async function main(): Promise<number> {
     for (const f of runner.integrity) console.log(`  ${f}`);
     exitCode = exitCode || 1;
   }
+  for (const [name, list] of runner.anomalies) {
+    console.log(`\nGUEST ANOMALIES with ${name} (packets a Linux guest would drop):`);
+    for (const a of list.slice(0, 10)) console.log(`  ${a}`);
+    if (name === backends[0].name) exitCode = exitCode || 1;
+  }
   if (flags.markdown !== undefined) await Deno.writeTextFile(flags.markdown, report.markdown);
   if (flags.json !== undefined) {
     const json = {
@@ -535,6 +541,7 @@ async function main(): Promise<number> {
       idleRss: Object.fromEntries(idleRss),
       ...extra,
       integrityFailures: runner.integrity,
+      guestAnomalies: Object.fromEntries(runner.anomalies),
       exitCode,
     };
     await Deno.writeTextFile(

@@ -460,9 +460,9 @@ export class LeanGuest {
 
   // ---- tx -------------------------------------------------------------------------------
 
-  /** Takes a tx slot and writes the header of `c` (stamped with our credit); the slot. */
-  #putHeader(c: LeanConn, op: number, flags: number, len: number): number {
-    const h = this.#txHdr.reset();
+  /** Fills `h` as a packet of `c` with `op` and `flags` (credit not stamped yet). */
+  #fill(h: PacketHeader, c: LeanConn, op: number, flags: number): PacketHeader {
+    h.reset();
     h.srcCid = this.guestCid;
     h.dstCid = c.peerCid;
     h.srcPort = c.localPort;
@@ -470,6 +470,12 @@ export class LeanGuest {
     h.type = VIRTIO_VSOCK_TYPE_STREAM;
     h.op = op;
     h.flags = flags;
+    return h;
+  }
+
+  /** Takes a tx slot and writes the header of `c` (stamped with our credit); the slot. */
+  #putHeader(c: LeanConn, op: number, flags: number, len: number): number {
+    const h = this.#fill(this.#txHdr, c, op, flags);
     h.len = len;
     c.credit.stamp(h);
     const s = this.rings.txSlot();
@@ -484,15 +490,7 @@ export class LeanGuest {
       this.rings.putTx(this.#putHeader(c, op, flags, 0), 0, 0);
       return;
     }
-    const h = new PacketHeader();
-    h.srcCid = this.guestCid;
-    h.dstCid = c.peerCid;
-    h.srcPort = c.localPort;
-    h.dstPort = c.peerPort;
-    h.type = VIRTIO_VSOCK_TYPE_STREAM;
-    h.op = op;
-    h.flags = flags;
-    this.#backlog.push({ conn: c, h });
+    this.#backlog.push({ conn: c, h: this.#fill(new PacketHeader(), c, op, flags) });
   }
 
   /** virtio_transport_reset_no_sock: RST back, unless the packet is an RST. */

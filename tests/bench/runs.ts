@@ -16,7 +16,7 @@
  * saw breaking the spec in `anomalies`; every wait has a timeout (StallError).
  */
 import type { BackendProcess } from "../../lib/testing/backend_process.ts";
-import type { BenchChild } from "./control.ts";
+import type { BenchChild, Call } from "./control.ts";
 import { procCpuSeconds, procRssBytes, procSchedSeconds } from "./proc_stats.ts";
 
 type Rec = Record<string, unknown>;
@@ -221,55 +221,66 @@ export class Runner {
       readSize: size,
       verify: this.opts.hostVerify,
     });
-    await sinkCall.event("listening", this.opts.stallMs);
-    const pids = [rig.backend.pid, rig.guest.pid, this.hostA.pid];
-    const b0 = procCpuSeconds(rig.backend.pid);
-    const w0 = this.#waits(pids);
-    const srcCall = rig.guest.call("source", {
-      port,
-      writeSize: size,
-      durationMs: this.opts.durationMs,
-    });
-    const [src, snk] = await Promise.all([
-      srcCall.done(this.#timeout()),
-      sinkCall.done(this.#timeout()),
-    ]);
-    const cpu = {
-      backend: procCpuSeconds(rig.backend.pid) - b0,
-      guest: num(src, "cpu"),
-      host: num(snk, "cpu"),
-      peer: 0,
-    };
-    const wait = this.#waits(pids) - w0;
-    return this.#finish(key, rig.name, "g2h", size, src, snk, cpu, src, wait);
+    return await this.#throughBackend(
+      rig,
+      key,
+      "g2h",
+      size,
+      sinkCall,
+      () => rig.guest.call("source", { port, writeSize: size, durationMs: this.opts.durationMs }),
+    );
   }
 
   /** host -> guest: hostA writes `size`-byte writes through the hybrid socket. */
   async hostToGuest(rig: Rig, key: string, size: number): Promise<StreamRun> {
     const port = this.#nextPort++;
     const sinkCall = rig.guest.call("sink", { port, verify: this.opts.guestVerify });
+    return await this.#throughBackend(
+      rig,
+      key,
+      "h2g",
+      size,
+      sinkCall,
+      () =>
+        this.hostA.call("source", {
+          path: rig.backend.udsPath,
+          hybridPort: port,
+          writeSize: size,
+          durationMs: this.opts.durationMs,
+        }),
+    );
+  }
+
+  /**
+   * A stream through the back end of `rig`: once `sinkCall` listens, starts the source and
+   * measures every process's CPU while both run.
+   */
+  async #throughBackend(
+    rig: Rig,
+    key: string,
+    kind: "g2h" | "h2g",
+    size: number,
+    sinkCall: Call,
+    startSource: () => Call,
+  ): Promise<StreamRun> {
     await sinkCall.event("listening", this.opts.stallMs);
     const pids = [rig.backend.pid, rig.guest.pid, this.hostA.pid];
     const b0 = procCpuSeconds(rig.backend.pid);
     const w0 = this.#waits(pids);
-    const srcCall = this.hostA.call("source", {
-      path: rig.backend.udsPath,
-      hybridPort: port,
-      writeSize: size,
-      durationMs: this.opts.durationMs,
-    });
+    const srcCall = startSource();
     const [src, snk] = await Promise.all([
       srcCall.done(this.#timeout()),
       sinkCall.done(this.#timeout()),
     ]);
+    const [guestSide, hostSide] = kind === "g2h" ? [src, snk] : [snk, src];
     const cpu = {
       backend: procCpuSeconds(rig.backend.pid) - b0,
-      guest: num(snk, "cpu"),
-      host: num(src, "cpu"),
+      guest: num(guestSide, "cpu"),
+      host: num(hostSide, "cpu"),
       peer: 0,
     };
     const wait = this.#waits(pids) - w0;
-    return this.#finish(key, rig.name, "h2g", size, src, snk, cpu, snk, wait);
+    return this.#finish(key, rig.name, kind, size, src, snk, cpu, guestSide, wait);
   }
 
   /**

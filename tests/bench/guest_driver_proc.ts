@@ -1,38 +1,31 @@
 /**
- * The benchmark's guest: a child process running the `lib/testing` VMM front end and virtio-vsock
- * guest driver against the back end under test, controlled by the bench over JSON lines
- * (control.ts).
+ * The benchmark's guest process: the lean virtio-vsock driver (lean_guest.ts) behind the
+ * `lib/testing` VMM front end, against the back end under test, controlled by the bench over
+ * JSON lines (control.ts).
  *
- * Usage: deno run -A guest_driver_proc.ts --socket PATH [--queue-size 256] [--rx-buf-size 65536]
- *        [--buf-alloc 262144] [--ram-mib 64] [--profile qemu]
+ * Usage: deno run -A guest_driver_proc.ts --socket PATH [--queue-size 256] [--rx-buf-size 4096]
+ *        [--buf-alloc 262144] [--ram-mib 64] [--profile qemu] [--stall-ms 10000]
  *
- * Since this process does nothing else, it waits synchronously: a command loop pumps the
- * driver (`VsockGuest.pump`), does the command's socket work through the public `GuestConn`
- * API (only calls that complete at once: writes sized to the peer's credit and the free tx
- * descriptors, reads of buffered data), and when nothing moved blocks in poll(2) on the call
- * eventfds and the vhost-user socket. No async poll helper runs on the data path. The rx queue
- * is filled with big buffers (64 KiB + header by default, one per descriptor, re-posted after
- * every pump) and the tx side has one slot per descriptor, so the guest is never short of
- * buffers. Received payload is discarded (`discardIncoming`) or checked (pattern.ts): by samples
- * at full speed, completely in `--quick` runs and the many-connection test.
+ * It costs about what a kernel driver costs: payload is sent by reference from a pool in guest
+ * RAM filled once (no copy per packet), received payload is checked in place by samples (or
+ * every byte in `--quick` runs and the many-connection test) and rx buffers are re-posted as
+ * they are. Every command runs synchronously: pump the rings, do the command's socket work,
+ * and block in poll(2) on the call eventfds when nothing moved.
  *
  * Commands: source, sink, echo, manyOpen, manyTransfer, manyClose, stats (see the handlers).
  */
 import { parseArgs } from "node:util";
-import { sys } from "../../ffi/libc.ts";
-import { cpuSeconds, POLLERR, POLLHUP, POLLIN } from "../../ffi/mod.ts";
-import {
-  type GuestConn,
-  type GuestListener,
-  VhostUserFrontEnd,
-  VIRTIO_VSOCK_SHUTDOWN_F_SEND,
-  VsockGuest,
-} from "../../lib/testing/mod.ts";
+import { cpuSeconds } from "../../ffi/mod.ts";
 import { type Command, type EmitFn, sendLine, serveCommands } from "./control.ts";
 import {
-  chunkAt,
+  type LeanConn,
+  LeanGuest,
+  type LeanListener,
+  VIRTIO_VSOCK_SHUTDOWN_F_SEND,
+} from "./lean_guest.ts";
+import { INLINE_MAX } from "./lean_rings.ts";
+import {
   makePattern,
-  MAX_CHUNK,
   parseStreamHeader,
   shiftOf,
   STREAM_HEADER_SIZE,
@@ -41,12 +34,10 @@ import {
   type VerifyMode,
 } from "./pattern.ts";
 
-/** Largest RW payload the driver puts in one packet (Linux's VIRTIO_VSOCK_MAX_PKT_BUF_SIZE). */
-const MAX_PKT = 65536;
 /** Longest single poll (ms): bounds how late a stall is noticed. */
 const POLL_SLICE_MS = 100;
-/** Largest read from a connection's receive queue per call. */
-const READ_MAX = MAX_CHUNK;
+/** Linux's VSOCK_CLOSE_TIMEOUT: close() sends the RST itself after this. */
+const CLOSE_TIMEOUT_MS = 8000;
 
 const { values: args } = parseArgs({
   args: Deno.args,
@@ -54,7 +45,7 @@ const { values: args } = parseArgs({
     socket: { type: "string" },
     profile: { type: "string", default: "qemu" },
     "queue-size": { type: "string", default: "256" },
-    "rx-buf-size": { type: "string", default: "65536" },
+    "rx-buf-size": { type: "string", default: "4096" },
     "buf-alloc": { type: "string", default: String(256 * 1024) },
     "ram-mib": { type: "string", default: "64" },
     "stall-ms": { type: "string", default: "10000" },
@@ -62,215 +53,107 @@ const { values: args } = parseArgs({
 });
 if (args.socket === undefined) throw new Error("--socket is required");
 const profile = args.profile === "crosvm" ? "crosvm" : "qemu";
-const queueSize = Number(args["queue-size"]);
-const rxBufSize = Number(args["rx-buf-size"]);
-const bufAlloc = Number(args["buf-alloc"]);
 const stallMs = Number(args["stall-ms"]);
-
-const fe = await VhostUserFrontEnd.connect(args.socket, {
-  profile,
-  queueSize,
-  regions: [{ gpa: 0, size: Number(args["ram-mib"]) * 1024 * 1024 }],
-});
-const guest = await VsockGuest.boot(fe, {
-  rxBufSize,
-  rxRefill: "always",
-  txSlots: queueSize,
-  bufAlloc,
-  timeoutMs: 30000,
-});
 const pattern = makePattern();
-const txq = guest.queue(1);
-/** descriptors one data packet takes (header + payload, or one indirect descriptor) */
-const descsPerPacket = guest.indirect ? 1 : 2;
-
-/** Blocking poll(2) on the call eventfds and the vhost-user socket, preallocated. */
-class CallPoller {
-  readonly #pfd: Int32Array;
-  readonly #bytes: Uint8Array;
-  readonly #rev: Int16Array;
-  readonly #count: bigint;
-  readonly #calls: number;
-  wakeups = 0;
-  polls = 0;
-
-  constructor(readonly frontEnd: VhostUserFrontEnd) {
-    const fds = [...frontEnd.callFds, frontEnd.socketFd];
-    this.#calls = frontEnd.callFds.length;
-    this.#pfd = new Int32Array(fds.length * 2);
-    this.#rev = new Int16Array(this.#pfd.buffer);
-    for (let i = 0; i < fds.length; i++) {
-      this.#pfd[2 * i] = fds[i];
-      this.#rev[4 * i + 2] = i < this.#calls ? POLLIN : 0;
-    }
-    this.#bytes = new Uint8Array(this.#pfd.buffer);
-    this.#count = BigInt(fds.length);
-  }
-
-  /** Waits until a call eventfd fires (and clears it) or `timeoutMs` passes. */
-  wait(timeoutMs: number): void {
-    this.polls++;
-    const n = sys.poll(this.#bytes, this.#count, timeoutMs);
-    if (n <= 0) return; // timeout or EINTR
-    const rev = this.#rev;
-    for (let i = 0; i < this.#calls; i++) {
-      if (rev[4 * i + 3] & POLLIN) {
-        this.frontEnd.takeCall(i);
-        this.wakeups++;
-      }
-    }
-    if (rev[4 * this.#calls + 3] & (POLLHUP | POLLERR)) {
-      throw new Error(`the back end closed the vhost-user socket\n${guest.describe()}`);
-    }
-  }
-}
-const poller = new CallPoller(fe);
+const g = await LeanGuest.boot(args.socket, {
+  profile,
+  queueSize: Number(args["queue-size"]),
+  rxBufSize: Number(args["rx-buf-size"]),
+  bufAlloc: Number(args["buf-alloc"]),
+  ramMiB: Number(args["ram-mib"]),
+  pool: pattern,
+});
 
 /** Epoch milliseconds with sub-ms resolution, comparable across the bench processes. */
 function now(): number {
   return performance.timeOrigin + performance.now();
 }
 
+/** The rings' state the first time a poll slice passed with no notification while driving. */
+let firstQuietPoll: string | null = null;
+
 /**
- * The synchronous driving loop: pump, run `step` (returns work done), stop when `done()`; when
- * neither the step nor the rings moved anything, block in poll. Throws after `stallMs` without
- * progress.
+ * The driving loop: pump, run `step` (returns work done), stop when `done()`; when neither
+ * the step nor the rings moved anything, block in poll. Throws after `stallMs` without
+ * progress, or returns false once `deadline` (epoch ms) passes.
  */
-async function drive(
-  step: () => number | Promise<number>,
-  done: () => boolean,
-  what: string,
-): Promise<void> {
+function drive(step: () => number, done: () => boolean, what: string, deadline = Infinity) {
   let last = performance.now();
-  let seen = -1;
   for (;;) {
-    guest.pump();
-    const r = step();
-    const work = typeof r === "number" ? r : await r;
-    if (done()) return;
-    const activity = guest.stats.rxPackets + guest.stats.txPackets;
+    const moved = g.pump();
+    const work = step();
+    if (work > 0) g.flush();
+    if (done()) return true;
     const t = performance.now();
-    if (work > 0 || activity !== seen) {
-      seen = activity;
+    if (work > 0 || moved > 0) {
       last = t;
       if (work > 0) continue;
     } else if (t - last > stallMs) {
-      throw new Error(`stalled for ${stallMs} ms: ${what}\n${guest.describe()}`);
+      throw new Error(`stalled for ${stallMs} ms: ${what}\n${g.describe()}`);
     }
-    const before = poller.wakeups;
-    poller.wait(POLL_SLICE_MS);
-    if (poller.wakeups === before && firstQuietPoll === null) firstQuietPoll = ringState(what);
+    if (now() > deadline) return false;
+    if (!g.wait(POLL_SLICE_MS) && firstQuietPoll === null) {
+      firstQuietPoll = `${what} at ${new Date().toISOString()}: ${g.describe()}`;
+    }
   }
 }
 
-/**
- * The rings' state the first time a poll slice passed with no notification while a command was
- * driving (for diagnosing pauses: e.g. a tx packet the device never consumed).
- */
-let firstQuietPoll: string | null = null;
-
-function ringState(what: string): string {
-  const q = (i: number) => {
-    const d = guest.queue(i);
-    const ev = guest.features & (1n << 29n) ? ` avail_event ${d.readAvailEvent()}` : "";
-    return `q${i} avail ${d.availIdx} used ${d.readUsedIdx()} reaped ${d.lastUsed}${ev}`;
-  };
-  return `${what} at ${new Date().toISOString()}: ${q(0)}; ${q(1)}; ` +
-    `kicks ${guest.stats.kicks.join("/")}; conns ${
-      guest.connections.map((c) => c.describe()).join(", ")
-    }`;
-}
-
-/** Takes the quiet-poll record (and clears it). */
 function takeQuietPoll(): string | null {
   const s = firstQuietPoll;
   firstQuietPoll = null;
   return s;
 }
 
-/** Counts writes that could not complete at once (they fell back to the async wait). */
-let slowWrites = 0;
-/** A write that did not complete at once; nothing else is written until it settles. */
-let pendingWrite: Promise<void> | null = null;
+/** Drives until `c` is established (or refused). */
+function waitConnected(c: LeanConn, what: string): void {
+  drive(() => 0, () => c.state !== "connecting", what);
+  if (c.state !== "established") throw new Error(`${what}: ${c.describe()}`);
+}
 
-/**
- * Queues `src` (or its first part) on `conn` if it fits now: at most the peer's credit and what
- * the free tx descriptors carry, so `GuestConn.write` completes synchronously (checked through
- * `bytesSent`; no await on the fast path). Returns the bytes queued (0 if nothing fits). In the
- * rare case the write did not complete (e.g. control packets took the descriptors), it is kept
- * in `pendingWrite` for the caller to await before writing again.
- */
-function writeSome(conn: GuestConn, src: Uint8Array): number {
-  if (pendingWrite !== null) return 0;
-  const fit = Math.min(
-    src.length,
-    conn.credit.peerFree(),
-    Math.floor(txq.numFree / descsPerPacket) * MAX_PKT,
-  );
-  if (fit <= 0 || conn.state !== "established") return 0;
-  const before = conn.bytesSent;
-  const p = conn.write(src.subarray(0, fit));
-  if (conn.bytesSent - before !== fit) {
-    slowWrites++;
-    pendingWrite = p.finally(() => pendingWrite = null);
+/** Drives until `l` has a connection and takes it. */
+function acceptOne(l: LeanListener, what: string): LeanConn {
+  drive(() => 0, () => l.pending.length > 0, what);
+  const c = l.pending.shift()!;
+  g.unlisten(l);
+  return c;
+}
+
+/** close(2) and wait for the RST like Linux: after CLOSE_TIMEOUT_MS send it ourselves. */
+function closeConns(conns: readonly LeanConn[], what: string): void {
+  for (const c of conns) g.close(c);
+  const deadline = now() + CLOSE_TIMEOUT_MS;
+  if (!drive(() => 0, () => conns.every((c) => c.closed), what, deadline)) {
+    for (const c of conns) g.reset(c, "close-timeout");
   }
-  return fit;
 }
 
-/** Awaits a write that did not complete at once (see writeSome). */
-async function settleWrite(): Promise<void> {
-  if (pendingWrite !== null) await pendingWrite;
-}
-
-/** Listens on `port` and drives until one connection is accepted. */
-async function acceptOne(l: GuestListener, what: string): Promise<GuestConn> {
-  await drive(() => 0, () => l.pending > 0, what);
-  return await l.accept();
-}
-
-/** Closes `conn` (SHUTDOWN both, wait for the RST) while driving the rings. */
-async function closeConn(conn: GuestConn): Promise<void> {
-  const closing = conn.close();
-  await drive(() => 0, () => conn.closed, `close of ${conn.describe()}`);
-  await closing;
-}
-
-/** Reads everything buffered on `conn` into `checker`; returns the bytes read. */
-async function readInto(conn: GuestConn, checker: StreamChecker): Promise<number> {
-  let n = 0;
-  while (conn.buffered > 0) {
-    const chunk = await conn.read(READ_MAX);
-    if (chunk === null) break;
-    checker.check(chunk);
-    n += chunk.length;
-  }
-  return n;
-}
-
-function usage(cpu0: number, t0: number): Record<string, unknown> {
+function usage(cpu0: number, t0: number): { cpu: number; wall: number } {
   return { cpu: cpuSeconds() - cpu0, wall: (now() - t0) / 1000 };
 }
 
 /**
- * source {port, writeSize, durationMs, maxBytes?}: connect to host port `port`, write
- * `writeSize`-byte application writes of the pattern until the duration or byte budget is used,
- * then SHUTDOWN(send) and wait for the host to finish (its close).
+ * source {port, writeSize, durationMs, maxBytes?}: connect to host port `port`, write the
+ * pattern in `writeSize`-byte application writes (each split into packets by credit and the
+ * 64 KiB packet limit, as Linux does) until the duration or byte budget is used, then
+ * close.
  */
-async function source(msg: Command, emit: EmitFn) {
+function source(msg: Command, emit: EmitFn) {
   const writeSize = Number(msg.writeSize);
   const maxBytes = Number(msg.maxBytes ?? Infinity);
-  const conn = await guest.connect(Number(msg.port), 2, { timeoutMs: 10000 });
+  const conn = g.connect(Number(msg.port));
+  waitConnected(conn, `connect to host port ${msg.port}`);
   emit("connected");
+  takeQuietPoll();
+  const a0 = g.anomalies.length;
   const cpu0 = cpuSeconds();
   const t0 = now();
   const deadline = t0 + Number(msg.durationMs);
-  const wakeups0 = poller.wakeups;
+  const irq0 = g.interrupts;
   let sent = 0;
-  let inWrite = 0; // bytes of the current application write still to queue
+  let inWrite = 0; // bytes of the current application write still to send
   let finished = false;
-  await drive(
+  drive(
     () => {
-      if (pendingWrite !== null) return settleWrite().then(() => 1);
       let work = 0;
       for (;;) {
         if (inWrite === 0) {
@@ -280,8 +163,10 @@ async function source(msg: Command, emit: EmitFn) {
           }
           inWrite = Math.min(writeSize, maxBytes - sent);
         }
-        const n = writeSome(conn, chunkAt(pattern, 0, sent, inWrite));
-        if (n === 0) return work;
+        const room = g.sendRoom(conn);
+        if (room === 0) return work;
+        const n = room < inWrite ? room : inWrite;
+        g.sendPool(conn, sent, n);
         sent += n;
         inWrite -= n;
         work += n;
@@ -290,46 +175,46 @@ async function source(msg: Command, emit: EmitFn) {
     () => finished,
     `guest source on port ${msg.port}`,
   );
-  if (pendingWrite !== null) await settleWrite();
   const tWritten = now();
-  conn.shutdown(VIRTIO_VSOCK_SHUTDOWN_F_SEND);
-  // The host reads to EOF and closes: the back end then ends the connection (SHUTDOWN/RST).
-  await drive(() => 0, () => conn.eof || conn.closed, `host close after guest source`);
+  // close(2) like an application that is done: SHUTDOWN(both), then the back end's RST.
+  // (SHUTDOWN(send) alone would do for this back end, but vhost-device-vsock acts only on a
+  // SHUTDOWN with both flags, so its host app would never see EOF.)
   const cpu = usage(cpu0, t0);
-  await closeConn(conn);
+  closeConns([conn], `close after guest source`);
   return {
     bytes: sent,
     t0,
     tWritten,
     ...cpu,
-    wakeups: poller.wakeups - wakeups0,
-    slowWrites,
-    anomalies: guest.anomalies.length,
+    wakeups: g.interrupts - irq0,
+    quietPoll: takeQuietPoll(),
+    anomalies: g.anomalies.slice(a0),
   };
 }
 
 /**
- * sink {port, verify}: listen on guest port `port`, accept one connection, consume it to EOF
- * (discarding, or reading and checking with `verify` "sample"/"full").
+ * sink {port, verify}: listen on guest port `port`, accept one connection, consume it to EOF,
+ * checking what arrives in place by `verify` (none, sample: 16 bytes per packet, full).
  */
-async function sink(msg: Command, emit: EmitFn) {
-  const verify = (msg.verify ?? "none") as VerifyMode;
-  const l = guest.listen(Number(msg.port));
+function sink(msg: Command, emit: EmitFn) {
+  const verify = (msg.verify ?? "sample") as VerifyMode;
+  const l = g.listen(Number(msg.port));
   emit("listening");
-  const conn = await acceptOne(l, `a connection on guest port ${msg.port}`);
-  l.close();
+  const conn = acceptOne(l, `a connection on guest port ${msg.port}`);
   const checker = new StreamChecker(pattern, verify, 0, `host->guest port ${msg.port}`);
-  if (verify === "none") conn.discardIncoming();
+  if (verify !== "none") conn.onData = (p) => checker.check(p);
   takeQuietPoll();
+  const a0 = g.anomalies.length;
   const cpu0 = cpuSeconds();
   const wall0 = now();
-  const wakeups0 = poller.wakeups;
+  const irq0 = g.interrupts;
+  const rx0 = g.stats.rxPackets;
   let tFirst = 0;
   // Longest time without new data once data flows (a stall shows up here).
   let lastBytes = 0;
   let lastAt = 0;
   let maxGapMs = 0;
-  await drive(
+  drive(
     () => {
       const got = conn.bytesReceived;
       if (got !== lastBytes) {
@@ -339,75 +224,76 @@ async function sink(msg: Command, emit: EmitFn) {
         lastAt = t;
         lastBytes = got;
       }
-      return verify === "none" ? 0 : readInto(conn, checker);
+      return 0;
     },
-    () => conn.eof && conn.buffered === 0,
+    () => conn.eof,
     `host->guest data on port ${msg.port}`,
   );
   const tEnd = now();
   const cpu = usage(cpu0, wall0);
-  await closeConn(conn);
+  const packets = g.stats.rxPackets - rx0;
+  closeConns([conn], `close of the host->guest stream on port ${msg.port}`);
   return {
     bytes: conn.bytesReceived,
     tFirst,
     tEnd,
     ...cpu,
-    wakeups: poller.wakeups - wakeups0,
+    wakeups: g.interrupts - irq0,
+    packets,
     maxGapMs,
     quietPoll: takeQuietPoll(),
     checked: checker.checked,
-    mismatches: checker.mismatches,
+    mismatches: verify === "none" ? 0 : checker.mismatches,
     error: checker.error,
-    anomalies: guest.anomalies.length,
+    anomalies: g.anomalies.slice(a0),
   };
 }
 
 /** echo {port}: accept one connection and send back whatever arrives, until EOF. */
-async function echo(msg: Command, emit: EmitFn) {
-  const l = guest.listen(Number(msg.port));
+function echo(msg: Command, emit: EmitFn) {
+  const l = g.listen(Number(msg.port));
   emit("listening");
-  const conn = await acceptOne(l, `an echo client on guest port ${msg.port}`);
-  l.close();
+  const conn = acceptOne(l, `an echo client on guest port ${msg.port}`);
+  const queue: Uint8Array[] = [];
+  conn.onData = (p) => queue.push(p.slice()); // the application's read() copies
   const cpu0 = cpuSeconds();
   const t0 = now();
   let echoed = 0;
-  await drive(
-    async () => {
+  drive(
+    () => {
       let work = 0;
-      while (conn.buffered > 0) {
-        const chunk = await conn.read(READ_MAX);
-        if (chunk === null) break;
-        let off = 0;
-        while (off < chunk.length) {
-          const n = writeSome(conn, chunk.subarray(off));
-          if (n === 0) throw new Error("echo: no credit or tx descriptors for the reply");
-          off += n;
-          if (pendingWrite !== null) await settleWrite();
-        }
-        work += chunk.length;
-        echoed += chunk.length;
+      while (queue.length > 0) {
+        const chunk = queue[0];
+        const n = Math.min(chunk.length, g.sendRoom(conn), INLINE_MAX);
+        if (n === 0) break;
+        g.sendCopy(conn, chunk.subarray(0, n));
+        if (n === chunk.length) queue.shift();
+        else queue[0] = chunk.subarray(n);
+        work += n;
+        echoed += n;
       }
       return work;
     },
-    () => conn.eof && conn.buffered === 0,
+    () => conn.eof && queue.length === 0,
     `echo on port ${msg.port}`,
   );
   const cpu = usage(cpu0, t0);
-  await closeConn(conn);
+  closeConns([conn], `close of the echo connection`);
   return { echoed, ...cpu };
 }
 
-// ---- many connections --------------------------------------------------------------------------
+// ---- many connections ------------------------------------------------------------------
 
 interface OutStream {
-  conn: GuestConn;
+  conn: LeanConn;
   id: number;
+  header: Uint8Array;
   sent: number;
   shut: boolean;
 }
 
 interface InStream {
-  conn: GuestConn;
+  conn: LeanConn;
   header: Uint8Array;
   headerLen: number;
   checker: StreamChecker | null;
@@ -417,74 +303,91 @@ interface InStream {
 const many = {
   out: [] as OutStream[],
   in: [] as InStream[],
-  listener: null as GuestListener | null,
+  verify: "full" as VerifyMode,
+  errors: [] as string[],
+  seen: new Set<number>(),
 };
 
+/** Starts reading incoming many-connection stream `r`: its header, then checked payload. */
+function readStream(r: InStream): void {
+  r.conn.onData = (p) => {
+    let chunk = p;
+    if (r.headerLen < STREAM_HEADER_SIZE) {
+      const k = Math.min(STREAM_HEADER_SIZE - r.headerLen, chunk.length);
+      r.header.set(chunk.subarray(0, k), r.headerLen);
+      r.headerLen += k;
+      chunk = chunk.subarray(k);
+      if (r.headerLen === STREAM_HEADER_SIZE) {
+        const id = parseStreamHeader(r.header);
+        if (id < 0) many.errors.push(`incoming stream with a bad header`);
+        else if (many.seen.has(id)) many.errors.push(`stream id ${id} seen twice`);
+        many.seen.add(id);
+        r.checker = new StreamChecker(pattern, many.verify, shiftOf(Math.max(id, 0)), `${id}`);
+      }
+    }
+    if (r.checker !== null && chunk.length > 0) r.checker.check(chunk);
+  };
+}
+
 /**
- * manyOpen {listenPort, hostPort, nIn, nOut, firstId}: listen on `listenPort` and accept `nIn`
- * connections from the host while opening `nOut` connections to host port `hostPort`; returns
- * once all are established (they stay open, idle, for manyTransfer).
+ * manyOpen {listenPort, hostPort, nIn, nOut, firstId}: listen on `listenPort` and accept
+ * `nIn` connections from the host while opening `nOut` connections to host port `hostPort`;
+ * returns once all are established (they stay open, idle, for manyTransfer).
  */
-async function manyOpen(msg: Command, emit: EmitFn) {
+function manyOpen(msg: Command, emit: EmitFn) {
   const nIn = Number(msg.nIn);
   const nOut = Number(msg.nOut);
   const firstId = Number(msg.firstId);
-  many.listener = guest.listen(Number(msg.listenPort));
+  const l = g.listen(Number(msg.listenPort));
   emit("listening");
   const t0 = now();
-  const connecting: Promise<GuestConn>[] = [];
   for (let i = 0; i < nOut; i++) {
-    connecting.push(guest.connect(Number(msg.hostPort), 2, { timeoutMs: 30000 }));
+    many.out.push({
+      conn: g.connect(Number(msg.hostPort)),
+      id: firstId + i,
+      header: streamHeader(firstId + i),
+      sent: 0,
+      shut: false,
+    });
   }
-  // Failures surface through Promise.all below; avoid unhandled rejections meanwhile.
-  for (const p of connecting) p.catch(() => {});
-  const l = many.listener;
-  let failed = 0;
-  let settled = 0;
-  for (const p of connecting) p.then(() => settled++, () => (settled++, failed++));
-  await drive(
-    async () => {
+  drive(
+    () => {
       let work = 0;
-      while (l.pending > 0) {
-        const conn = await l.accept();
-        many.in.push({
-          conn,
-          header: new Uint8Array(STREAM_HEADER_SIZE),
-          headerLen: 0,
-          checker: null,
-          done: false,
-        });
+      for (let c = l.pending.shift(); c !== undefined; c = l.pending.shift()) {
+        const r = { conn: c, header: new Uint8Array(8), headerLen: 0, checker: null, done: false };
+        readStream(r);
+        many.in.push(r);
         work++;
       }
       return work;
     },
-    () => (many.in.length >= nIn && settled >= nOut) || failed > 0,
+    () =>
+      many.in.length >= nIn && many.out.every((s) => s.conn.state !== "connecting") ||
+      many.out.some((s) => s.conn.closed),
     "many connections to open",
   );
-  const outs = await Promise.all(connecting);
-  outs.forEach((conn, i) => many.out.push({ conn, id: firstId + i, sent: 0, shut: false }));
+  g.unlisten(l);
+  const refused = many.out.filter((s) => s.conn.state !== "established");
+  if (refused.length > 0) throw new Error(`manyOpen: ${refused[0].conn.describe()}`);
   return { opened: many.in.length + many.out.length, seconds: (now() - t0) / 1000 };
 }
 
 /**
  * manyTransfer {bytesPerConn, verify}: every outgoing connection sends its header and
  * `bytesPerConn` pattern bytes (shifted by its id) then SHUTDOWN(send); every incoming one is
- * read to EOF and checked. Returns counts and the first integrity error.
+ * read to EOF and checked. Returns counts and the first integrity errors.
  */
-async function manyTransfer(msg: Command) {
+function manyTransfer(msg: Command) {
   const bytesPerConn = Number(msg.bytesPerConn);
-  const verify = (msg.verify ?? "full") as VerifyMode;
+  many.verify = (msg.verify ?? "full") as VerifyMode;
   const total = STREAM_HEADER_SIZE + bytesPerConn;
   const cpu0 = cpuSeconds();
   const t0 = now();
-  let errors: string[] = [];
   let outDone = 0;
   let inDone = 0;
-  let received = 0;
-  const seenIds = new Set<number>();
   let rr = 0;
-  await drive(
-    async () => {
+  drive(
+    () => {
       let work = 0;
       // Senders, round robin from a rotating start so no connection always goes first.
       const outs = many.out;
@@ -492,121 +395,86 @@ async function manyTransfer(msg: Command) {
         const s = outs[(rr + k) % outs.length];
         if (s.shut) continue;
         while (s.sent < total) {
-          let chunk: Uint8Array;
-          if (s.sent < STREAM_HEADER_SIZE) chunk = streamHeader(s.id).subarray(s.sent);
-          else {
-            const off = s.sent - STREAM_HEADER_SIZE;
-            chunk = chunkAt(pattern, shiftOf(s.id), off, Math.min(MAX_PKT, bytesPerConn - off));
+          const room = g.sendRoom(s.conn);
+          if (room === 0) break;
+          let n: number;
+          if (s.sent < STREAM_HEADER_SIZE) {
+            n = Math.min(room, STREAM_HEADER_SIZE - s.sent);
+            g.sendCopy(s.conn, s.header.subarray(s.sent, s.sent + n));
+          } else {
+            n = Math.min(room, total - s.sent);
+            g.sendPool(s.conn, shiftOf(s.id) + s.sent - STREAM_HEADER_SIZE, n);
           }
-          const n = writeSome(s.conn, chunk);
-          if (n === 0) break;
-          if (pendingWrite !== null) await settleWrite();
           s.sent += n;
           work += n;
         }
-        if (s.sent === total && pendingWrite === null) {
-          s.conn.shutdown(VIRTIO_VSOCK_SHUTDOWN_F_SEND);
+        if (s.sent === total && s.conn.state === "established") {
+          g.shutdown(s.conn, VIRTIO_VSOCK_SHUTDOWN_F_SEND);
+          s.shut = true;
+          outDone++;
+        } else if (s.conn.closed) {
+          many.errors.push(`outgoing stream ${s.id} ended after ${s.sent} bytes`);
           s.shut = true;
           outDone++;
         }
       }
       rr = (rr + 1) % Math.max(1, outs.length);
-      // Receivers.
       for (const r of many.in) {
-        if (r.done) continue;
-        while (r.conn.buffered > 0) {
-          let chunk = await r.conn.read(READ_MAX);
-          if (chunk === null) break;
-          work += chunk.length;
-          received += chunk.length;
-          if (r.headerLen < STREAM_HEADER_SIZE) {
-            const k = Math.min(STREAM_HEADER_SIZE - r.headerLen, chunk.length);
-            r.header.set(chunk.subarray(0, k), r.headerLen);
-            r.headerLen += k;
-            chunk = chunk.subarray(k);
-            if (r.headerLen === STREAM_HEADER_SIZE) {
-              const id = parseStreamHeader(r.header);
-              if (id < 0) errors.push(`incoming stream with a bad header`);
-              else if (seenIds.has(id)) errors.push(`stream id ${id} seen twice`);
-              seenIds.add(id);
-              r.checker = new StreamChecker(
-                pattern,
-                verify,
-                shiftOf(Math.max(id, 0)),
-                `stream ${id}`,
-              );
-            }
-          }
-          if (r.checker !== null && chunk.length > 0) r.checker.check(chunk);
+        if (r.done || !r.conn.eof) continue;
+        r.done = true;
+        inDone++;
+        const got = r.checker?.offset ?? 0;
+        if (got !== bytesPerConn) {
+          many.errors.push(`stream ${r.checker?.label ?? "?"}: ${got} of ${bytesPerConn} bytes`);
         }
-        if (r.conn.eof && r.conn.buffered === 0) {
-          r.done = true;
-          inDone++;
-          const got = r.checker?.offset ?? 0;
-          if (got !== bytesPerConn) {
-            errors.push(`stream ${r.checker?.label ?? "?"}: ${got} of ${bytesPerConn} bytes`);
-          }
-          if (r.checker?.error) errors.push(r.checker.error);
-        }
+        if (r.checker?.error) many.errors.push(r.checker.error);
       }
       return work;
     },
     () => outDone === many.out.length && inDone === many.in.length,
     "many-connection transfer",
   );
-  if (errors.length > 20) errors = errors.slice(0, 20);
   return {
     sent: many.out.reduce((n, s) => n + s.sent - STREAM_HEADER_SIZE, 0),
-    received: received - STREAM_HEADER_SIZE * many.in.length,
+    received: many.in.reduce((n, r) => n + r.conn.bytesReceived, 0) -
+      STREAM_HEADER_SIZE * many.in.length,
     streamsIn: many.in.length,
     streamsOut: many.out.length,
-    errors,
+    errors: many.errors.slice(0, 20),
     ...usage(cpu0, t0),
-    anomalies: guest.anomalies.slice(0, 10),
+    anomalies: g.anomalies.slice(0, 10),
   };
 }
 
-/** manyClose: closes every many-connection stream and the listener. */
-async function manyClose() {
+/** manyClose: closes every many-connection stream. */
+function manyClose() {
   const conns = [...many.out.map((s) => s.conn), ...many.in.map((r) => r.conn)];
-  const closing = conns.map((c) => c.close());
-  await drive(() => 0, () => conns.every((c) => c.closed), "many connections to close");
-  await Promise.all(closing);
-  many.listener?.close();
+  closeConns(conns, "many connections to close");
   many.out = [];
   many.in = [];
-  many.listener = null;
+  many.errors = [];
+  many.seen.clear();
   return { closed: conns.length };
 }
 
 /** stats: the driver's CPU time, counters and anomalies. */
 function stats() {
-  return {
-    cpu: cpuSeconds(),
-    guestStats: guest.stats,
-    polls: poller.polls,
-    wakeups: poller.wakeups,
-    slowWrites,
-    anomalies: guest.anomalies.slice(0, 20),
-  };
+  return { cpu: cpuSeconds(), guestStats: g.stats, anomalies: g.anomalies.slice(0, 20) };
 }
 
 sendLine({
   id: 0,
   ev: "booted",
   profile,
-  queueSize,
-  rxBufSize,
-  rxBuffers: queueSize,
-  bufAlloc,
-  indirect: guest.indirect,
-  features: guest.features.toString(16),
+  queueSize: Number(args["queue-size"]),
+  rxBufSize: g.rings.rxBufSize,
+  rxBuffers: g.rings.rxBytes.length,
+  bufAlloc: g.bufAlloc,
+  indirect: g.rings.indirect,
+  features: g.features.toString(16),
 });
 
 await serveCommands(
   { source, sink, echo, manyOpen, manyTransfer, manyClose, stats },
-  async () => {
-    await guest.close();
-    fe.close();
-  },
+  () => g.fe.close(),
 );

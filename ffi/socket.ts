@@ -69,13 +69,16 @@ export function unixSocketPair(type = SOCK_STREAM, nonblocking = true): [number,
 }
 
 /** A listening socket bound to `path` (a stale socket file is replaced). */
-export function listenUnix(path: string, opts: { backlog?: number; nonblocking?: boolean } = {}) {
+export function listenUnix(
+  path: string,
+  opts: { backlog?: number; nonblocking?: boolean; type?: number } = {},
+) {
   const addr = sockaddrUn(path);
   try {
     const st = Deno.lstatSync(path);
     if (st.isSocket) Deno.removeSync(path);
   } catch { /* no such file */ }
-  const fd = unixSocket(SOCK_STREAM, opts.nonblocking ?? true);
+  const fd = unixSocket(opts.type ?? SOCK_STREAM, opts.nonblocking ?? true);
   try {
     check("bind", sys.bind(fd, addr, addr.byteLength), path);
     check("listen", sys.listen(fd, opts.backlog ?? 128), path);

@@ -305,14 +305,17 @@ class ProcessSupervisor implements RunningDaemon {
       return;
     }
     slot.ctl = fd;
+    const connectedMs = performance.now() - slot.startedAt;
     this.#handOver(slot);
     const answer = await this.#receive(fd, START_TIMEOUT_MS);
     if (slot.ctl !== fd) return; // died meanwhile
     if (answer?.t === "ready") {
       slot.ready = true;
+      const ms = (performance.now() - slot.startedAt).toFixed(0);
+      const timing = `${ms} ms after spawn, connected after ${connectedMs.toFixed(0)} ms`;
       if (slot.generation > 0) {
-        log.info(`${slot.name} is serving again (restart ${slot.generation})`);
-      }
+        log.info(`${slot.name} is serving again (restart ${slot.generation}, ${timing})`);
+      } else if (log.debugOn) log.debug(`${slot.name} ready (${timing})`);
       slot.onReady?.();
     } else {
       const why = answer?.t === "error" ? answer.message : "no ready message";

@@ -11,7 +11,17 @@
  * - the test-only stall fault (`STALL_FAULT_ENV`): blocks the reactor once, for the
  *   watchdog tests.
  */
-import { close, EAGAIN, EPOLLIN, type Mapping, mapShared, recvWithFds, unmap } from "../ffi/mod.ts";
+import {
+  close,
+  EAGAIN,
+  ECONNRESET,
+  EPOLLIN,
+  errnoName,
+  type Mapping,
+  mapShared,
+  recvWithFds,
+  unmap,
+} from "../ffi/mod.ts";
 import { log } from "./log.ts";
 import type { Reactor } from "./reactor.ts";
 import { SiblingLinks } from "./sibling_links.ts";

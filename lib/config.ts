@@ -75,11 +75,22 @@ export interface DaemonConfig {
   /** `--dgram`: offer VIRTIO_VSOCK_F_DGRAM (feature bit 3); off by default */
   datagrams: boolean;
   /** `--rx-weight PORT=N` (repeatable): RX scheduler weight of flows toward guest port PORT */
-  rxWeights: Map<number, number>;
+  rxWeights: [port: number, weight: number][];
   /** how long a host `CONNECT <port>` waits for the guest's answer */
   connectTimeoutMs: number;
   /** open connections per VM before new ones are refused */
   maxConnections: number;
+  /**
+   * `--workers N` (YAML `workers:`): VMs are sharded over N supervised worker processes;
+   * 0 serves every VM in this process (no crash isolation). Unset: {@link defaultWorkerCount}.
+   * Only the command-line daemon (`main.ts`) honours it; `startDaemon` always runs in-process.
+   */
+  workers?: number;
+  /** `--watchdog-ms`: a worker whose reactor has not come back to epoll_wait for this long is
+   * reported (default {@link DEFAULT_WATCHDOG_MS}) */
+  watchdogMs?: number;
+  /** `--watchdog-restart`: a worker the watchdog reports is also killed and restarted */
+  watchdogRestart?: boolean;
 }
 
 /** Bad command line or configuration file; `message` is one line, fit for stderr. */
@@ -116,6 +127,17 @@ export const DEFAULT_LOG_LEVEL: LogLevel = "info";
 /** Firecracker's connect timeout and connection cap (`devices/virtio/vsock/unix/defs.rs`). */
 export const DEFAULT_CONNECT_TIMEOUT_MS = CONNECT_TIMEOUT_MS;
 export const DEFAULT_MAX_CONNECTIONS = MAX_CONNECTIONS;
+/** Default `--watchdog-ms`: a reactor busy this long without returning to epoll_wait is stuck. */
+export const DEFAULT_WATCHDOG_MS = 5000;
+/** Most worker processes `--workers` may ask for. */
+export const MAX_WORKERS = 256;
+const WATCHDOG_MS_MIN = 100;
+
+/** Default `--workers`: one per VM, at most one per CPU (so one VM gets one worker). */
+export function defaultWorkerCount(vmCount: number, cpus = navigator.hardwareConcurrency): number {
+  return Math.max(1, Math.min(vmCount, cpus, MAX_WORKERS));
+}
+
 /** Separator of group names in `--groups`, `groups=` and YAML `groups:` strings. */
 export const GROUP_SEPARATOR = "+";
 
@@ -170,6 +192,11 @@ Daemon:
                           the default (1..64; repeatable; default: every flow weighs 1)
   --connect-timeout-ms MS how long a host CONNECT waits for the guest to answer (default: 2000)
   --max-connections N     open connections per VM (default: 1023)
+  --workers N             serve the VMs from N supervised worker processes (a crashed one is
+                          restarted); 0 serves them all in this process (default: one per VM,
+                          at most one per CPU); also "workers:" in the --config file
+  --watchdog-ms MS        report a worker whose reactor is stuck this long (default: 5000)
+  --watchdog-restart      also kill and restart such a worker (default: off)
   --print-capabilities    print the vhost-user backend capabilities as JSON and exit
   -h, --help              print this help and exit
   -V, --version           print the version and exit
@@ -377,6 +404,17 @@ const YAML_MAX_ALIAS_COUNT = 100;
  * Cross-VM checks (CIDs and paths used twice) are applied.
  */
 export function parseConfigYaml(text: string): VmConfig[] {
+  return parseConfigDocument(text).vms;
+}
+
+/** What a configuration file holds: the VMs and, optionally, `workers:`. */
+export interface ConfigDocument {
+  vms: VmConfig[];
+  workers?: number;
+}
+
+/** The VMs and daemon keys (`workers:`) of a YAML configuration file. */
+export function parseConfigDocument(text: string): ConfigDocument {
   let root: unknown;
   try {
     const doc = parseDocument(text, { intAsBigInt: true, uniqueKeys: true, prettyErrors: true });
@@ -389,7 +427,9 @@ export function parseConfigYaml(text: string): VmConfig[] {
   if (root === null || root === undefined) fail("config", "the file is empty (expected vms:)");
   if (!(root instanceof Map)) fail("config", `expected a mapping with vms:, got ${describe(root)}`);
   for (const key of root.keys()) {
-    if (key !== "vms") fail("config", `unknown top-level key ${showKey(key)} (expected vms)`);
+    if (key !== "vms" && key !== "workers") {
+      fail("config", `unknown top-level key ${showKey(key)} (expected vms or workers)`);
+    }
   }
   const list: unknown = root.get("vms");
   if (!Array.isArray(list)) fail("config: vms", `expected a list of VMs, got ${describe(list)}`);
@@ -405,7 +445,9 @@ export function parseConfigYaml(text: string): VmConfig[] {
     return buildVm(values);
   });
   checkDistinct(vms);
-  return vms;
+  const workers = root.get("workers");
+  if (workers === undefined) return { vms };
+  return { vms, workers: integer(workers, "config: workers", 0, MAX_WORKERS) };
 }
 
 function firstLine(message: string): string {
@@ -459,6 +501,9 @@ const OPTIONS = {
   "rx-weight": { type: "string", multiple: true },
   "connect-timeout-ms": { type: "string" },
   "max-connections": { type: "string" },
+  "workers": { type: "string" },
+  "watchdog-ms": { type: "string" },
+  "watchdog-restart": { type: "boolean" },
   "print-capabilities": { type: "boolean" },
   "help": { type: "boolean", short: "h" },
   "version": { type: "boolean", short: "V" },
@@ -483,7 +528,7 @@ export function defaultDaemonConfig(): DaemonConfig {
     logLevel: DEFAULT_LOG_LEVEL,
     printCapabilities: false,
     datagrams: false,
-    rxWeights: new Map(),
+    rxWeights: [],
     connectTimeoutMs: DEFAULT_CONNECT_TIMEOUT_MS,
     maxConnections: DEFAULT_MAX_CONNECTIONS,
   };
@@ -544,7 +589,9 @@ export function parseArgs(argv: string[]): DaemonConfig {
     config.vms = values.vm.map(parseVmSpec);
     checkDistinct(config.vms);
   } else if (values.config !== undefined) {
-    config.vms = readConfigFile(values.config);
+    const file = readConfigFile(values.config);
+    config.vms = file.vms;
+    if (file.workers !== undefined) config.workers = file.workers;
   } else {
     const single: VmValues = new Map();
     for (const flag of SINGLE_VM_FLAGS) {
@@ -567,7 +614,8 @@ export function parseArgs(argv: string[]): DaemonConfig {
     const eq = spec.indexOf("=");
     if (eq < 0) fail("--rx-weight", `${show(spec)} is not PORT=N`);
     const port = decimal(spec.slice(0, eq), "--rx-weight", 0, U32_MAX);
-    config.rxWeights.set(port, decimal(spec.slice(eq + 1), "--rx-weight", 1, RX_WEIGHT_MAX));
+    const weight = decimal(spec.slice(eq + 1), "--rx-weight", 1, RX_WEIGHT_MAX);
+    config.rxWeights = [...config.rxWeights.filter(([p]) => p !== port), [port, weight]];
   }
   if (values["connect-timeout-ms"] !== undefined) {
     config.connectTimeoutMs = decimal(
@@ -585,6 +633,18 @@ export function parseArgs(argv: string[]): DaemonConfig {
       MAX_CONNECTIONS_LIMIT,
     );
   }
+  if (values.workers !== undefined) {
+    config.workers = decimal(values.workers, "--workers", 0, MAX_WORKERS);
+  }
+  if (values["watchdog-ms"] !== undefined) {
+    config.watchdogMs = decimal(
+      values["watchdog-ms"],
+      "--watchdog-ms",
+      WATCHDOG_MS_MIN,
+      CONNECT_TIMEOUT_MS_MAX,
+    );
+  }
+  if (values["watchdog-restart"] === true) config.watchdogRestart = true;
   return config;
 }
 
@@ -596,7 +656,7 @@ function logLevel(text: string): LogLevel {
   return level;
 }
 
-function readConfigFile(path: string): VmConfig[] {
+function readConfigFile(path: string): ConfigDocument {
   const where = `--config ${show(path, 4096)}`;
   if (path === "") fail("--config", "the path is empty");
   let text: string;
@@ -607,7 +667,7 @@ function readConfigFile(path: string): VmConfig[] {
     fail(where, `cannot read: ${reason.replace(/: readfile .*$/, "")}`);
   }
   try {
-    return parseConfigYaml(text);
+    return parseConfigDocument(text);
   } catch (e) {
     if (e instanceof ConfigError) throw new ConfigError(`${where}: ${e.message}`);
     throw e;

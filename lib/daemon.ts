@@ -4,14 +4,18 @@
  *
  * Runs inside a Worker (see `worker.ts`): the thread blocks in epoll_wait, so it
  * is stopped through its wakeup eventfd plus a shared stop flag, never through
- * Deno's event loop.
+ * Deno's event loop. In a worker process (`--workers N`, see `worker_process.ts`) the config
+ * also carries the supervisor's wiring: heartbeat, control socket, links to sibling VMs of
+ * other workers (`worker_wiring.ts`).
  */
-import type { DaemonConfig, VmConfig } from "./config.ts";
+import type { VmConfig } from "./config.ts";
 import { log } from "./log.ts";
 import { Reactor } from "./reactor.ts";
 import { VhostUserBackend } from "./vhost_user/backend.ts";
 import { VsockDevice } from "./vsock/device.ts";
 import { SiblingHub } from "./vsock/sibling_hub.ts";
+import type { WiredConfig } from "./worker_plan.ts";
+import { WorkerWires } from "./worker_wiring.ts";
 
 export interface VmInstance {
   readonly config: VmConfig;
@@ -24,11 +28,17 @@ export class Daemon {
   readonly vms: VmInstance[] = [];
   /** switch between the VMs of this daemon that share a group */
   readonly siblings: SiblingHub = new SiblingHub();
+  #wires: WorkerWires | null = null;
 
-  constructor(readonly config: DaemonConfig) {}
+  constructor(readonly config: WiredConfig) {}
 
   /** Creates and starts listening for every VM; throws (with a clear message) on failure. */
   start(): void {
+    const wiring = this.config.worker;
+    if (wiring !== undefined) {
+      log.setPrefix(`[w${wiring.worker} cid ${this.config.vms.map((v) => v.guestCid).join(",")}]`);
+      this.#wires = new WorkerWires(this.reactor, this.siblings, wiring, () => this.reactor.stop());
+    }
     for (const vm of this.config.vms) {
       const device = new VsockDevice({
         guestCid: vm.guestCid,
@@ -40,7 +50,7 @@ export class Daemon {
         groups: vm.groups,
         hub: this.siblings,
         datagrams: this.config.datagrams,
-        rxWeights: this.config.rxWeights,
+        rxWeights: new Map(this.config.rxWeights ?? []),
       });
       const backend = new VhostUserBackend(this.reactor, device, {
         socketPath: vm.socket !== "" ? vm.socket : undefined,
@@ -69,6 +79,7 @@ export class Daemon {
         log.warn(`shutdown of CID ${vm.config.guestCid}: ${e instanceof Error ? e.message : e}`);
       }
     }
+    this.#wires?.close();
     this.reactor.close();
   }
 }

@@ -13,6 +13,9 @@
  * - wakeup: an eventfd other threads write to (`wakeFd`), e.g. to stop the loop.
  * - end-of-batch hooks: run after each epoll batch, so devices can publish used
  *   rings and signal the guest once per batch instead of once per packet.
+ * - heartbeat (optional): a counter in shared memory, bumped on entering and on leaving
+ *   epoll_wait (odd while waiting), that a watchdog in another process reads: an even value
+ *   that does not change means the reactor is stuck in a handler.
  */
 import {
   close,
@@ -53,6 +56,8 @@ export class Reactor {
   readonly #batchEnd = new Set<() => void>();
   #stopped = false;
   #closed = false;
+  #heartbeat: Int32Array | null = null;
+  #heartbeatIndex = 0;
 
   constructor() {
     this.#epoll.add(this.#timerFd, EPOLLIN);
@@ -113,6 +118,15 @@ export class Reactor {
     eventFdWrite(this.wakeFd);
   }
 
+  /**
+   * Publishes progress in `cells[index]` (shared memory a watchdog reads): +1 before each
+   * epoll_wait and +1 after it, so the value is odd exactly while the reactor waits.
+   */
+  setHeartbeat(cells: Int32Array, index: number): void {
+    this.#heartbeat = cells;
+    this.#heartbeatIndex = index;
+  }
+
   /** Makes `run` return after the current batch. */
   stop(): void {
     this.#stopped = true;
@@ -124,7 +138,10 @@ export class Reactor {
 
   /** Waits up to `timeoutMs` for events, dispatches them, runs batch-end hooks. */
   runOnce(timeoutMs: number): number {
+    const beat = this.#heartbeat;
+    if (beat !== null) Atomics.add(beat, this.#heartbeatIndex, 1);
     const n = this.#epoll.wait(timeoutMs);
+    if (beat !== null) Atomics.add(beat, this.#heartbeatIndex, 1);
     const ev = this.#epoll.events;
     for (let i = 0; i < n; i++) {
       const h = this.#handlers[ev[3 * i + 1]];

@@ -14,7 +14,10 @@
  * that does not fit is refused and the sender gets an RST for that flow (a
  * guest that honours credit never hits the limit).
  *
- * All devices of one daemon run on one reactor, so no locking is needed.
+ * The hub belongs to one reactor, so no locking is needed. VMs served by other worker
+ * processes (`--workers`) are registered too, as endpoints whose `acceptFromSibling` writes
+ * into a shared-memory ring towards that worker (`../sibling_links.ts`); the muxer cannot
+ * tell the difference.
  */
 import type { PacketHeader } from "./packet.ts";
 
@@ -56,6 +59,11 @@ export class SiblingHub {
 
   unregister(e: SiblingEndpoint): void {
     if (this.#byCid.get(e.guestCid) === e) this.#byCid.delete(e.guestCid);
+  }
+
+  /** The endpoint registered for `cid`, if any. */
+  lookup(cid: number): SiblingEndpoint | undefined {
+    return this.#byCid.get(cid);
   }
 
   /** The sibling `to` if it shares a group with `from`. */

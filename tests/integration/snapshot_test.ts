@@ -802,7 +802,7 @@ Deno.test("corrupt, truncated, newer, garbage and empty states are refused; the 
         await waitForLog(backend2!, reason, 5000, before); // logged for this load
         assert.match(
           backend2!.stderr().slice(before),
-          /WARN +device state: /,
+          /WARN +(\[w\d+ cid [\d,]+\] )?device state: /,
           `${what}: a warning`,
         );
         assert.ok(backend2!.running, `${what}: the back end is still running`);

@@ -13,8 +13,11 @@ import {
   DEFAULT_MAX_CONNECTIONS,
   DEFAULT_QUEUE_SIZE,
   DEFAULT_TX_BUFFER_SIZE,
+  DEFAULT_WATCHDOG_MS,
   defaultDaemonConfig,
+  defaultWorkerCount,
   parseArgs,
+  parseConfigDocument,
   parseConfigYaml,
   parseVmSpec,
   USAGE,
@@ -51,7 +54,7 @@ function daemon(overrides: Partial<DaemonConfig> = {}): DaemonConfig {
     logLevel: "info",
     printCapabilities: false,
     datagrams: false,
-    rxWeights: new Map(),
+    rxWeights: [],
     connectTimeoutMs: 2000,
     maxConnections: 1023,
     ...overrides,
@@ -737,9 +740,50 @@ Deno.test("property: YAML files shaped like configurations", () => {
 
 Deno.test("--rx-weight PORT=N: repeatable, validated", () => {
   const cfg = parseArgs(["--rx-weight", "22=4", "--rx-weight", "80=2"]);
-  assert.deepEqual([...cfg.rxWeights], [[22, 4], [80, 2]]);
-  assert.deepEqual([...parseArgs([]).rxWeights], []);
+  assert.deepEqual(cfg.rxWeights, [[22, 4], [80, 2]]);
+  assert.deepEqual(parseArgs([]).rxWeights, []);
+  // The configuration crosses to worker processes as JSON.
+  assert.deepEqual(JSON.parse(JSON.stringify(cfg)).rxWeights, [[22, 4], [80, 2]]);
   assert.throws(() => parseArgs(["--rx-weight", "22"]), /--rx-weight: "22" is not PORT=N/);
   assert.throws(() => parseArgs(["--rx-weight", "22=0"]), /out of range 1\.\.64/);
   assert.throws(() => parseArgs(["--rx-weight", "x=2"]), /not a decimal integer/);
+});
+
+Deno.test("--workers, --watchdog-ms, --watchdog-restart and YAML workers:", () => {
+  const base = parseArgs([]);
+  assert.equal(base.workers, undefined, "unset: one per VM up to the CPU count");
+  assert.equal(defaultWorkerCount(1, 8), 1);
+  assert.equal(defaultWorkerCount(32, 2), 2);
+  assert.equal(defaultWorkerCount(3, 16), 3);
+  assert.equal(parseArgs(["--workers", "0"]).workers, 0);
+  assert.equal(parseArgs(["--workers=4"]).workers, 4);
+  rejects(() => parseArgs(["--workers=-1"]), /^--workers: "-1" is not a decimal integer/);
+  rejects(() => parseArgs(["--workers", "257"]), /^--workers: "257" is out of range 0..256/);
+  rejects(
+    () => parseArgs(["--workers", "2", "--workers", "3"]),
+    /^--workers: given more than once/,
+  );
+  const w = parseArgs(["--watchdog-ms", "1500", "--watchdog-restart"]);
+  assert.equal(w.watchdogMs, 1500);
+  assert.equal(w.watchdogRestart, true);
+  rejects(() => parseArgs(["--watchdog-ms", "5"]), /^--watchdog-ms: "5" is out of range/);
+  assert.equal(DEFAULT_WATCHDOG_MS, 5000);
+  assert.deepEqual(parseConfigDocument("workers: 3\nvms: [{}]\n").workers, 3);
+  assert.equal(parseConfigDocument("vms: [{}]\n").workers, undefined);
+  rejects(() => parseConfigDocument("workers: many\nvms: [{}]\n"), /^config: workers: /);
+  const dir = Deno.makeTempDirSync();
+  try {
+    Deno.writeTextFileSync(`${dir}/c.yaml`, "workers: 2\nvms: [{guest_cid: 5}]\n");
+    assert.equal(parseArgs(["--config", `${dir}/c.yaml`]).workers, 2);
+    assert.equal(
+      parseArgs(["--config", `${dir}/c.yaml`, "--workers", "1"]).workers,
+      1,
+      "flag wins",
+    );
+  } finally {
+    Deno.removeSync(dir, { recursive: true });
+  }
+  for (const flag of ["--workers N", "--watchdog-ms MS", "--watchdog-restart"]) {
+    assert.ok(USAGE.includes(flag), flag);
+  }
 });

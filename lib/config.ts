@@ -74,6 +74,10 @@ export interface DaemonConfig {
   printVersion?: boolean;
   /** `--dgram`: offer VIRTIO_VSOCK_F_DGRAM (feature bit 3); off by default */
   datagrams: boolean;
+  /** `--no-autotune`: keep every receive window at `--tx-buffer-size` */
+  noAutotune?: boolean;
+  /** `--max-buffer-memory N`: bytes of grown receive windows per VM */
+  maxBufferMemory?: number;
   /** `--rx-weight PORT=N` (repeatable): RX scheduler weight of flows toward guest port PORT */
   rxWeights: [port: number, weight: number][];
   /** how long a host `CONNECT <port>` waits for the guest's answer */
@@ -188,6 +192,9 @@ Daemon:
   --log-level LEVEL       error, warn, info, debug or trace (default: info)
   --dgram                 offer datagram sockets (VIRTIO_VSOCK_F_DGRAM, feature bit 3; not in
                           the virtio spec) on <uds-path>.dgram (default: off)
+  --no-autotune           keep each connection's receive window at --tx-buffer-size (default:
+                          windows grow up to 4 MiB while the host app keeps up)
+  --max-buffer-memory N   bytes of grown receive windows per VM (default: 268435456)
   --rx-weight PORT=N      share of the guest's rx queue for flows to guest port PORT, N times
                           the default (1..64; repeatable; default: every flow weighs 1)
   --connect-timeout-ms MS how long a host CONNECT waits for the guest to answer (default: 2000)
@@ -499,6 +506,8 @@ const OPTIONS = {
   "log-level": { type: "string" },
   "dgram": { type: "boolean" },
   "rx-weight": { type: "string", multiple: true },
+  "no-autotune": { type: "boolean" },
+  "max-buffer-memory": { type: "string" },
   "connect-timeout-ms": { type: "string" },
   "max-connections": { type: "string" },
   "workers": { type: "string" },
@@ -610,6 +619,15 @@ export function parseArgs(argv: string[]): DaemonConfig {
 
   if (values["log-level"] !== undefined) config.logLevel = logLevel(values["log-level"]);
   config.datagrams = values.dgram === true;
+  if (values["no-autotune"] === true) config.noAutotune = true;
+  if (values["max-buffer-memory"] !== undefined) {
+    config.maxBufferMemory = decimal(
+      values["max-buffer-memory"],
+      "--max-buffer-memory",
+      0,
+      2 ** 40,
+    );
+  }
   for (const spec of values["rx-weight"] ?? []) {
     const eq = spec.indexOf("=");
     if (eq < 0) fail("--rx-weight", `${show(spec)} is not PORT=N`);

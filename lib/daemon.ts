@@ -51,6 +51,8 @@ export class Daemon {
         hub: this.siblings,
         datagrams: this.config.datagrams,
         rxWeights: new Map(this.config.rxWeights ?? []),
+        autotune: this.config.noAutotune !== true,
+        maxBufferMemory: this.config.maxBufferMemory,
       });
       const backend = new VhostUserBackend(this.reactor, device, {
         socketPath: vm.socket !== "" ? vm.socket : undefined,

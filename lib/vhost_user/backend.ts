@@ -252,8 +252,9 @@ export class VhostUserBackend {
   #finishIfHungUp(): boolean {
     const rev = pollFds([this.#connFd], [POLLIN], 0)[0];
     if ((rev & (POLLHUP | POLLERR)) === 0) return false;
+    if (!this.#held) this.#serve(Infinity);
+    // Its last messages may have started a held reply (CHECK_DEVICE_STATE): nobody reads it.
     if (this.#held) this.#disconnect("front end hung up while its reply was pending");
-    else this.#serve(Infinity);
     return this.#connFd < 0;
   }
 

@@ -12,7 +12,20 @@ export class ByteQueue {
   #head = 0;
   #tail = 0;
 
-  constructor(readonly capacity: number) {}
+  constructor(public capacity: number) {}
+
+  /** Raises the capacity (a larger window was advertised); storage follows on next use. */
+  grow(capacity: number): void {
+    if (capacity <= this.capacity) return;
+    this.capacity = capacity;
+    if (this.#buf !== null) {
+      const bigger = new Uint8Array(capacity);
+      bigger.set(this.#buf.subarray(this.#head, this.#tail));
+      this.#tail -= this.#head;
+      this.#head = 0;
+      this.#buf = bigger;
+    }
+  }
 
   get length(): number {
     return this.#tail - this.#head;

@@ -79,6 +79,7 @@ import type { PacketHeader } from "./packet.ts";
 import { RX_BATCH_MAX_CHAINS, type RxChainSource } from "./rx_batch.ts";
 import type { RxFlow } from "./rx_scheduler.ts";
 import type { DeviceStats } from "./stats.ts";
+import type { WindowAutotune } from "./autotune.ts";
 import type { TxGather } from "./tx_gather.ts";
 
 export const ConnState = {
@@ -126,6 +127,8 @@ export interface ConnectionContext {
   readonly msgIo: MessageIo;
   /** further rx chains for multi-buffer reads (while the device fills a buffer), or null */
   readonly rxChains: RxChainSource | null;
+  /** receive-window autotuning (`--no-autotune`: null) */
+  readonly autotune: WindowAutotune | null;
   /** the header `fillRx` fills; written into the chain by `emit` */
   readonly header: PacketHeader;
   /** writes `header` at the start of the chain's writable part */
@@ -176,6 +179,8 @@ export class VsockConnection implements RxFlow {
   timer: Timer | null = null;
   /** for logs and snapshots */
   readonly hostInitiated: boolean;
+  /** the window advertised at the start (autotuning grows from it) */
+  readonly initialWindow: number;
   /** seqpacket: lengths of the complete guest messages queued in `toHost`, oldest first */
   readonly #toHostMessages: number[] = [];
   /** seqpacket: bytes of the guest message still being received (no EOM yet) in `toHost` */
@@ -196,6 +201,7 @@ export class VsockConnection implements RxFlow {
     readonly type: number = VIRTIO_VSOCK_TYPE_STREAM,
   ) {
     this.state = state;
+    this.initialWindow = bufAlloc;
     this.credit = new Credit(bufAlloc);
     this.toHost = new ByteQueue(bufAlloc);
     this.hostInitiated = hostInitiated;
@@ -330,6 +336,11 @@ export class VsockConnection implements RxFlow {
     }
     if (this.toHost.length === 0 && !this.hostWriteShut) {
       if (this.ctx.gather.add(this, chain, len)) return;
+      // add() may have flushed this connection's earlier payloads: if the socket did not
+      // take them all they wait in toHost, and this payload must queue behind them.
+    }
+    if (this.closed) return;
+    if (this.toHost.length === 0 && !this.hostWriteShut) {
       const iov = this.ctx.iov;
       const iovs = chain.hostIovecs(chain.mem!, iov, VIRTIO_VSOCK_HDR_SIZE, len, false);
       const dst = this.wroteToHost(writevRaw(this.hostFd, iov, iovs), len);
@@ -422,9 +433,30 @@ export class VsockConnection implements RxFlow {
   #forwarded(n: number): void {
     this.credit.onForwarded(n);
     if (!this.closeWhenFlushed && this.credit.needsCreditUpdate()) {
+      this.#autotune();
       this.pending |= Pending.CREDIT_UPDATE;
       this.ctx.scheduleRx(this);
     }
+  }
+
+  /**
+   * Receive-window autotuning (as TCP tunes its receive buffer): when a credit update is due,
+   * the host app is keeping up (nothing waits in `toHost`) and the guest had used three
+   * quarters of its window since the last update, the guest is window-bound: double the
+   * window we advertise, up to the autotuner's maximum and within its memory budget. The
+   * reservation is our high-water mark (`rxLimit`, what the guest may ever have in flight)
+   * and is returned when the connection closes.
+   */
+  #autotune(): void {
+    const tuner = this.ctx.autotune;
+    const c = this.credit;
+    if (tuner === null || this.toHost.length > 0 || c.bufAlloc >= tuner.maxWindow) return;
+    if (c.peerSeenFree() * 4 > c.bufAlloc) return;
+    const next = Math.min(c.bufAlloc * 2, tuner.maxWindow);
+    const more = next - c.rxLimit;
+    if (more > 0 && !tuner.reserve(more)) return;
+    c.setBufAlloc(next);
+    this.toHost.grow(c.rxLimit);
   }
 
   /** The host socket is writable again: drain what the guest sent meanwhile. */
@@ -812,6 +844,11 @@ export class VsockConnection implements RxFlow {
     });
   }
 
+  #releaseWindow(): void {
+    const extra = this.credit.rxLimit - this.initialWindow;
+    if (extra > 0) this.ctx.autotune?.release(extra);
+  }
+
   #closeHostFd(): void {
     if (this.hostFd < 0) return;
     this.ctx.reactor.removeFd(this.hostFd);
@@ -834,6 +871,7 @@ export class VsockConnection implements RxFlow {
       this.timer?.cancel();
       this.timer = null;
       this.#closeHostFd();
+      this.#releaseWindow();
       this.ctx.forget(this);
       this.ctx.stats.resets++;
       if (log.debugOn) log.debug(`vsock: closed ${this.describe()}`);

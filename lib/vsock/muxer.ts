@@ -49,6 +49,7 @@ import {
 import { type DgramContext, DgramEndpoint, type DgramStats } from "./dgram.ts";
 import { HostListener } from "./host_listener.ts";
 import { HeaderError, HeaderScratch, type PacketHeader, validateHeader } from "./packet.ts";
+import { AUTOTUNE_DEFAULT_BUDGET, WindowAutotune } from "./autotune.ts";
 import type { RxChainSource } from "./rx_batch.ts";
 import { type RxFlow, RxScheduler } from "./rx_scheduler.ts";
 import { type SiblingEndpoint, SiblingHub, type SiblingPacket } from "./sibling_hub.ts";
@@ -75,6 +76,10 @@ export interface VsockDeviceOptions {
   datagrams?: boolean;
   /** RX scheduler weight per guest port (`--rx-weight PORT=N`); others weigh 1 */
   rxWeights?: ReadonlyMap<number, number>;
+  /** grow receive windows while host apps keep up (default true; `--no-autotune`) */
+  autotune?: boolean;
+  /** budget of grown receive windows (`--max-buffer-memory`) */
+  maxBufferMemory?: number;
 }
 
 /** Suffix of the seqpacket twin of `<uds_path>` (host-initiated seqpacket connections). */
@@ -94,6 +99,7 @@ export class VsockMuxer implements ConnectionContext, DgramContext, SiblingEndpo
   readonly msgIo: MessageIo = new MessageIo();
   /** set by the device around each rx buffer fill (multi-buffer reads) */
   rxChains: RxChainSource | null = null;
+  readonly autotune: WindowAutotune | null;
   readonly scratch: HeaderScratch = new HeaderScratch();
   readonly header: PacketHeader = this.scratch.h;
   readonly scheduler: RxScheduler = new RxScheduler();
@@ -122,6 +128,9 @@ export class VsockMuxer implements ConnectionContext, DgramContext, SiblingEndpo
     readonly requestRx: () => void,
   ) {
     this.#inbox = new SiblingInbox(options.guestCid, this.scratch, (f) => this.#scheduleFlow(f));
+    this.autotune = options.autotune === false
+      ? null
+      : new WindowAutotune(options.maxBufferMemory ?? AUTOTUNE_DEFAULT_BUDGET);
   }
 
   #scheduleFlow(f: RxFlow): void {

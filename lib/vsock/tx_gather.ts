@@ -54,6 +54,8 @@ export class TxGather {
     ) {
       this.flush();
     }
+    // A flush that left bytes in c's backlog: this payload must queue behind them.
+    if (c.closed || c.toHost.length > 0) return false;
     if (this.#count + chain.readableCount <= MAX_GATHER_IOV) {
       const n = chain.hostIovecs(
         chain.mem!,

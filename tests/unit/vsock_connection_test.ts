@@ -38,6 +38,7 @@ import {
 import { HeaderScratch, PacketHeader } from "../../lib/vsock/packet.ts";
 import { newDeviceStats } from "../../lib/vsock/stats.ts";
 import { TxGather } from "../../lib/vsock/tx_gather.ts";
+import { WindowAutotune } from "../../lib/vsock/autotune.ts";
 import { GuestRam } from "../../lib/testing/guest_ram.ts";
 import { PlainGuestMemory } from "../../lib/virtio/memory.ts";
 
@@ -53,6 +54,7 @@ class Ctx implements ConnectionContext {
   readonly iov = new BigUint64Array(2 * 64);
   readonly msgIo = new MessageIo();
   readonly rxChains = null;
+  autotune: WindowAutotune | null = null;
   readonly scratch = new HeaderScratch();
   readonly header = this.scratch.h;
   scheduled = 0;
@@ -81,7 +83,10 @@ class Ctx implements ConnectionContext {
 
 /** Guest RAM plus helpers to build tx and rx chains by hand. */
 class Guest {
-  readonly ram = new GuestRam({ regions: [{ gpa: 0, size: 1 << 20 }] });
+  readonly ram: GuestRam;
+  constructor(size = 1 << 20) {
+    this.ram = new GuestRam({ regions: [{ gpa: 0, size }] });
+  }
   readonly chain = new DescChain(16);
 
   /** A tx chain: header + payload in one readable buffer. */
@@ -442,6 +447,95 @@ Deno.test("seqpacket: a host message larger than the guest's buffer is refused w
     assert.equal(g.written(rx).h.op, VIRTIO_VSOCK_OP_RST);
     assert.ok(ctx.events.some((e) => /8193-byte host message is larger/.test(e)));
   } finally {
+    close(app);
+    ctx.reactor.close();
+    g.ram.close();
+  }
+});
+
+Deno.test("autotune: a window-bound guest with a fast host app gets a larger window, within the budget", () => {
+  const ctx = new Ctx();
+  ctx.autotune = new WindowAutotune(448 * 1024, 4 << 20);
+  const g = new Guest(64 << 20);
+  const { c, app } = established(ctx);
+  try {
+    const chunk = new Uint8Array(32 * 1024);
+    const sink = new Uint8Array(1 << 20);
+    const windows: number[] = [];
+    for (let i = 0; i < 64; i++) {
+      // The guest sends as much as the window allows, the app reads it all at once.
+      while (c.credit.peerSeenFree() >= chunk.length) {
+        send(g, c, VIRTIO_VSOCK_OP_RW, chunk);
+        ctx.gather.flush();
+      }
+      while (readRaw(app, sink) > 0) { /* drain */ }
+      const upd = g.rx(4096);
+      if (c.fillRx(upd) > 0) windows.push(g.written(upd).h.bufAlloc);
+    }
+    assert.equal(windows[0] > BUF, true, `the first update already grows: ${windows[0]}`);
+    assert.equal(Math.max(...windows), 512 * 1024, "64 KiB + a 448 KiB budget");
+    assert.equal(ctx.autotune.reserved, 448 * 1024);
+    c.destroy(false);
+    assert.equal(ctx.autotune.reserved, 0, "the growth is returned on close");
+  } finally {
+    close(app);
+    ctx.reactor.close();
+    g.ram.close();
+  }
+});
+
+Deno.test("autotune: no growth while the host app is slow (bytes wait in the backlog)", () => {
+  const ctx = new Ctx();
+  ctx.autotune = new WindowAutotune();
+  const g = new Guest();
+  const { c, app } = established(ctx);
+  try {
+    const fill = new Uint8Array(65536);
+    while (writeRaw(c.hostFd, fill) > 0) { /* the app's socket is full */ }
+    send(g, c, VIRTIO_VSOCK_OP_RW, new Uint8Array(60_000));
+    ctx.gather.flush();
+    assert.ok(c.toHost.length > 0);
+    assert.equal(c.credit.bufAlloc, BUF);
+    assert.equal(ctx.autotune.reserved, 0);
+  } finally {
+    c.destroy(false);
+    close(app);
+    ctx.reactor.close();
+    g.ram.close();
+  }
+});
+
+Deno.test("tx gather: a payload never overtakes bytes a flush left in the backlog", () => {
+  // Found with autotuned windows: a gather run that hit its byte limit flushed into a full
+  // socket (the rest went to toHost), then the next payload was gathered again and written
+  // straight to the socket once the app had read: ahead of the backlog.
+  const ctx = new Ctx();
+  const g = new Guest(8 << 20);
+  const [ours, app] = unixSocketPair();
+  const c = new VsockConnection(ctx, 5000, 1234, ours, ConnState.ESTABLISHED, 2 << 20, false);
+  c.credit.updateFromPeer(BUF, 0);
+  try {
+    const filler = new Uint8Array(65536);
+    let filled = 0;
+    for (let n; (n = writeRaw(ours, filler)) > 0;) filled += n;
+    for (let i = 1; i <= 9; i++) {
+      send(g, c, VIRTIO_VSOCK_OP_RW, new Uint8Array(65536).fill(i)); // the 9th passes 512 KiB
+    }
+    const sink = new Uint8Array(1 << 20);
+    let drained = 0;
+    for (let n; (n = readRaw(app, sink)) > 0;) drained += n; // the app reads meanwhile
+    assert.equal(drained, filled);
+    ctx.gather.flush();
+    const got = new Uint8Array(9 * 65536);
+    let have = 0;
+    for (let round = 0; round < 100 && have < got.length; round++) {
+      c.flushToHost();
+      for (let n; (n = readRaw(app, got.subarray(have))) > 0;) have += n;
+    }
+    assert.equal(have, got.length);
+    for (let i = 0; i < 9; i++) assert.equal(got[i * 65536], i + 1, `packet ${i + 1} in place`);
+  } finally {
+    c.destroy(false);
     close(app);
     ctx.reactor.close();
     g.ram.close();

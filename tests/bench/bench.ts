@@ -17,7 +17,9 @@
  * Workloads: single-stream throughput (guest->host and host->guest at 4 KiB, 64 KiB and 1 MiB
  * writes; host->guest 64 KiB also into 64 KiB rx buffers) with CPU seconds per GiB of every
  * process; 64-byte ping-pong RTT p50/p99; N concurrent connections with every byte checked and
- * RSS per open connection (first back end only); RSS idle. Rounds (`--repeat`) interleave the raw baseline and every
+ * RSS per open connection (first back end only); RSS idle; the fairness figure (fairness.ts:
+ * ping-pong p99 and 4 bulk streams alone and under a datagram flood; first back end only, with
+ * `--dgram` on the crosvm profile). Rounds (`--repeat`) interleave the raw baseline and every
  * back end, medians are reported.
  *
  * Output: tables on stdout, `--json FILE` with every figure and run, `--markdown FILE` with the
@@ -30,8 +32,15 @@ import { parseArgs } from "node:util";
 import { repoRoot, spawnBackend } from "../../lib/testing/backend_process.ts";
 import { LINUX_RX_BUF_SIZE } from "../../lib/testing/guest_driver.ts";
 import { BenchChild, StallError } from "./control.ts";
+import {
+  fairnessCells,
+  fairnessHead,
+  type FairnessRound,
+  fairnessRound,
+  fairnessRows,
+} from "./fairness.ts";
 import { machineCpu, machineLoad, procRssBytes, procThreads } from "./proc_stats.ts";
-import { fmt, renderReport, type Row } from "./report.ts";
+import { fmt, median, renderReport, type Row } from "./report.ts";
 import {
   cpuPerGiB,
   type ManyResult,
@@ -67,7 +76,8 @@ const USAGE = `usage: deno task bench [options]
                        quick: full)
   --repeat N           rounds of streams and ping-pong; medians are reported (default 3;
                        quick 1)
-  --skip LIST          skip parts: streams,pingpong,many,rss`;
+  --fair-ms MS         length of each fairness phase (default 2000; quick 300)
+  --skip LIST          skip parts: streams,pingpong,many,rss,fairness`;
 
 const { values: flags } = parseArgs({
   args: Deno.args,
@@ -90,6 +100,7 @@ const { values: flags } = parseArgs({
     cid: { type: "string", default: "3" },
     "guest-verify": { type: "string" },
     skip: { type: "string", default: "" },
+    "fair-ms": { type: "string" },
     repeat: { type: "string" },
     help: { type: "boolean", short: "h", default: false },
   },
@@ -112,6 +123,10 @@ const hostVerify = quick ? "full" : "sample";
 const guestVerify = flags["guest-verify"] ?? (quick ? "full" : "sample");
 const repeat = Math.max(1, Number(flags.repeat ?? (quick ? 1 : 3)));
 const skip = new Set(flags.skip.split(",").filter((s) => s !== ""));
+const fairMs = Number(flags["fair-ms"] ?? (quick ? 300 : 2000));
+/** Datagrams are offered with `--dgram` and reach the guest only on the crosvm profile. */
+const FAIR_PROFILE = "crosvm";
+const FAIR_BACKEND_FLAG = "--dgram";
 const here = new URL(".", import.meta.url).pathname;
 /** How long any single step may take beyond its own duration before it counts as a stall. */
 const STALL_MS = quick ? 20000 : 60000;
@@ -228,17 +243,10 @@ function progressDone(): void {
   if (isTty) Deno.stderr.writeSync(enc.encode("\r\x1b[K"));
 }
 
-function median(xs: readonly number[]): number {
-  const s = xs.filter(Number.isFinite).sort((a, b) => a - b);
-  if (s.length === 0) return NaN;
-  const m = s.length >> 1;
-  return s.length % 2 === 1 ? s[m] : (s[m - 1] + s[m]) / 2;
-}
-
 // ---- main ---------------------------------------------------------------------------------
 
 /** Starts one back end and its guest with `rxBufSize`-byte rx buffers. */
-async function startRig(b: BackendSpec, rxBufSize: number): Promise<Rig> {
+async function startRig(b: BackendSpec, rxBufSize: number, profile = flags.profile): Promise<Rig> {
   const backend = await spawnBackend({
     command: b.template,
     cid: Number(flags.cid),
@@ -248,7 +256,7 @@ async function startRig(b: BackendSpec, rxBufSize: number): Promise<Rig> {
     "--socket",
     backend.socketPath,
     "--profile",
-    flags.profile,
+    profile,
     "--queue-size",
     flags["queue-size"],
     "--rx-buf-size",
@@ -287,6 +295,8 @@ async function main(): Promise<number> {
   const pings = new Map<string, PingPong[]>();
   const many = new Map<string, ManyResult>();
   const idleRss = new Map<string, number>();
+  const fairRounds: FairnessRound[] = [];
+  let fairRig: Rig | null = null;
   const extra: Record<string, unknown> = {};
   let exitCode = 0;
   try {
@@ -297,6 +307,20 @@ async function main(): Promise<number> {
         rigSizes.map(async (rx) => rigs[i].set(rx, await startRig(b, rx)))
       ),
     );
+    if (!skip.has("fairness")) {
+      const b = backends[0];
+      fairRig = await startRig(
+        { name: b.name, template: `${b.template} ${FAIR_BACKEND_FLAG}` },
+        LINUX_RX_BUF_SIZE,
+        FAIR_PROFILE,
+      );
+      if (backends.length > 1) {
+        notes.push(
+          `fairness: first back end only (${backends.slice(1).map((x) => x.name).join(", ")} ` +
+            `offers no datagrams, so the flood cannot run there)`,
+        );
+      }
+    }
     const linuxRig = (i: number) => rigs[i].get(LINUX_RX_BUF_SIZE)!;
     extra.hostAppIdleRss = procRssBytes(hostA.pid);
     for (let i = 0; i < backends.length; i++) {
@@ -342,6 +366,16 @@ async function main(): Promise<number> {
           pings.set(backends[i].name, [...(pings.get(backends[i].name) ?? []), pp]);
         }
       }
+      if (fairRig !== null) {
+        progress(`${fairRig.name}: fairness, ${fairMs} ms per phase${round}`);
+        fairRounds.push(
+          await fairnessRound(runner, fairRig, {
+            durationMs: fairMs,
+            warmup: quick ? 50 : 500,
+            guestVerify,
+          }),
+        );
+      }
     }
     for (let i = 0; i < backends.length; i++) {
       extra[`${backends[i].name}Threads`] = procThreads(linuxRig(i).backend.pid);
@@ -351,14 +385,12 @@ async function main(): Promise<number> {
     progressDone();
     console.error(`bench failed: ${e instanceof Error ? `${e.name}: ${e.message}` : String(e)}`);
     if (e instanceof StallError) console.error("(a stall: some step did not finish in time)");
-    for (const m of rigs) {
-      for (const rig of m.values()) {
-        console.error(`${rig.name} back end stderr (tail):\n${rig.backend.stderr().slice(-2000)}`);
-      }
+    for (const rig of [...rigs.flatMap((m) => [...m.values()]), ...(fairRig ? [fairRig] : [])]) {
+      console.error(`${rig.name} back end stderr (tail):\n${rig.backend.stderr().slice(-2000)}`);
     }
     exitCode = 2;
   } finally {
-    const all = rigs.flatMap((m) => [...m.values()]);
+    const all = [...rigs.flatMap((m) => [...m.values()]), ...(fairRig === null ? [] : [fairRig])];
     await Promise.all([hostA.close(), hostB.close(), ...all.map((r) => r.guest.close())]);
     await Promise.all(all.map((r) => r.backend.stop()));
     await Deno.remove(tmp, { recursive: true }).catch(() => {});
@@ -494,7 +526,17 @@ async function main(): Promise<number> {
         "are not performance figures; targets are not evaluated)",
     );
   }
-  const report = renderReport({ header, rows, cpuRows, names, streams });
+  const fairRows = fairnessRows(fairRounds);
+  const report = renderReport({
+    header,
+    rows,
+    cpuRows,
+    names,
+    streams,
+    fairness: fairRounds.length === 0
+      ? undefined
+      : { head: fairnessHead(!quick), rows: fairnessCells(fairRows, !quick) },
+  });
   console.log(report.text);
   if (runner.integrity.length > 0) {
     console.log("\nINTEGRITY FAILURES:");
@@ -523,6 +565,8 @@ async function main(): Promise<number> {
         queueSize: Number(flags["queue-size"]),
         bufAlloc: Number(flags["buf-alloc"]),
         profile: flags.profile,
+        fairMs,
+        fairProfile: FAIR_PROFILE,
         hostVerify,
         guestVerify,
       },
@@ -539,6 +583,7 @@ async function main(): Promise<number> {
       pingpong: Object.fromEntries(pings),
       many: Object.fromEntries(many),
       idleRss: Object.fromEntries(idleRss),
+      fairness: fairRounds.length === 0 ? null : { rows: fairRows, rounds: fairRounds },
       ...extra,
       integrityFailures: runner.integrity,
       guestAnomalies: Object.fromEntries(runner.anomalies),

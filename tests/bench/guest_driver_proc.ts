@@ -12,7 +12,8 @@
  * they are. Every command runs synchronously: pump the rings, do the command's socket work,
  * and block in poll(2) on the call eventfds when nothing moved.
  *
- * Commands: source, sink, echo, manyOpen, manyTransfer, manyClose, stats (see the handlers).
+ * Commands: source, sink, echo, mix, manyOpen, manyTransfer, manyClose, stats (see the
+ * handlers).
  */
 import { parseArgs } from "node:util";
 import { cpuSeconds } from "../../ffi/mod.ts";
@@ -192,6 +193,79 @@ function source(msg: Command, emit: EmitFn) {
   };
 }
 
+/** One host->guest stream read to EOF, checked in place, with its timing. */
+class SinkStream {
+  readonly checker: StreamChecker;
+  tFirst = 0;
+  tEnd = 0;
+  /** longest time without new data once data flows (a stall shows up here) */
+  maxGapMs = 0;
+  #lastBytes = 0;
+  #lastAt = 0;
+
+  constructor(readonly conn: LeanConn, readonly verify: VerifyMode, label: string) {
+    this.checker = new StreamChecker(pattern, verify, 0, label);
+    if (verify !== "none") conn.onData = (p) => this.checker.check(p);
+  }
+
+  /** Notes arrivals (call once per driving step); true once at EOF. */
+  step(): boolean {
+    const got = this.conn.bytesReceived;
+    if (got !== this.#lastBytes) {
+      const t = performance.now();
+      if (this.tFirst === 0) this.tFirst = now();
+      else if (t - this.#lastAt > this.maxGapMs) this.maxGapMs = t - this.#lastAt;
+      this.#lastAt = t;
+      this.#lastBytes = got;
+    }
+    if (this.conn.eof && this.tEnd === 0) this.tEnd = now();
+    return this.conn.eof;
+  }
+
+  result() {
+    return {
+      bytes: this.conn.bytesReceived,
+      tFirst: this.tFirst,
+      tEnd: this.tEnd,
+      maxGapMs: this.maxGapMs,
+      checked: this.checker.checked,
+      mismatches: this.verify === "none" ? 0 : this.checker.mismatches,
+      error: this.checker.error,
+    };
+  }
+}
+
+/** An echo service on one connection: what arrives is read (copied) and sent back. */
+class Echoer {
+  readonly #queue: Uint8Array[] = [];
+  echoed = 0;
+
+  constructor(readonly conn: LeanConn) {
+    conn.onData = (p) => this.#queue.push(p.slice()); // the application's read() copies
+  }
+
+  /** Sends back what credit and tx slots allow; returns bytes sent. */
+  step(): number {
+    const queue = this.#queue;
+    let work = 0;
+    while (queue.length > 0) {
+      const chunk = queue[0];
+      const n = Math.min(chunk.length, g.sendRoom(this.conn), INLINE_MAX);
+      if (n === 0) break;
+      g.sendCopy(this.conn, chunk.subarray(0, n));
+      if (n === chunk.length) queue.shift();
+      else queue[0] = chunk.subarray(n);
+      work += n;
+      this.echoed += n;
+    }
+    return work;
+  }
+
+  get done(): boolean {
+    return this.conn.eof && this.#queue.length === 0;
+  }
+}
+
 /**
  * sink {port, verify}: listen on guest port `port`, accept one connection, consume it to EOF,
  * checking what arrives in place by `verify` (none, sample: 16 bytes per packet, full).
@@ -201,50 +275,24 @@ function sink(msg: Command, emit: EmitFn) {
   const l = g.listen(Number(msg.port));
   emit("listening");
   const conn = acceptOne(l, `a connection on guest port ${msg.port}`);
-  const checker = new StreamChecker(pattern, verify, 0, `host->guest port ${msg.port}`);
-  if (verify !== "none") conn.onData = (p) => checker.check(p);
+  const s = new SinkStream(conn, verify, `host->guest port ${msg.port}`);
   takeQuietPoll();
   const a0 = g.anomalies.length;
   const cpu0 = cpuSeconds();
   const wall0 = now();
   const irq0 = g.interrupts;
   const rx0 = g.stats.rxPackets;
-  let tFirst = 0;
-  // Longest time without new data once data flows (a stall shows up here).
-  let lastBytes = 0;
-  let lastAt = 0;
-  let maxGapMs = 0;
-  drive(
-    () => {
-      const got = conn.bytesReceived;
-      if (got !== lastBytes) {
-        const t = performance.now();
-        if (tFirst === 0) tFirst = now();
-        else if (t - lastAt > maxGapMs) maxGapMs = t - lastAt;
-        lastAt = t;
-        lastBytes = got;
-      }
-      return 0;
-    },
-    () => conn.eof,
-    `host->guest data on port ${msg.port}`,
-  );
-  const tEnd = now();
+  drive(() => (s.step(), 0), () => conn.eof, `host->guest data on port ${msg.port}`);
+  s.step();
   const cpu = usage(cpu0, wall0);
   const packets = g.stats.rxPackets - rx0;
   closeConns([conn], `close of the host->guest stream on port ${msg.port}`);
   return {
-    bytes: conn.bytesReceived,
-    tFirst,
-    tEnd,
+    ...s.result(),
     ...cpu,
     wakeups: g.interrupts - irq0,
     packets,
-    maxGapMs,
     quietPoll: takeQuietPoll(),
-    checked: checker.checked,
-    mismatches: verify === "none" ? 0 : checker.mismatches,
-    error: checker.error,
     anomalies: g.anomalies.slice(a0),
   };
 }
@@ -253,33 +301,80 @@ function sink(msg: Command, emit: EmitFn) {
 function echo(msg: Command, emit: EmitFn) {
   const l = g.listen(Number(msg.port));
   emit("listening");
-  const conn = acceptOne(l, `an echo client on guest port ${msg.port}`);
-  const queue: Uint8Array[] = [];
-  conn.onData = (p) => queue.push(p.slice()); // the application's read() copies
+  const e = new Echoer(acceptOne(l, `an echo client on guest port ${msg.port}`));
   const cpu0 = cpuSeconds();
   const t0 = now();
-  let echoed = 0;
+  drive(() => e.step(), () => e.done, `echo on port ${msg.port}`);
+  const cpu = usage(cpu0, t0);
+  closeConns([e.conn], `close of the echo connection`);
+  return { echoed: e.echoed, ...cpu };
+}
+
+/**
+ * mix {echoPort, sinkPorts, dgramPort, verify}: the fairness figure's guest, one kernel serving
+ * several sockets in one loop: an echo service on `echoPort` (null: none), a stream read to
+ * EOF (checked by `verify`) on each of `sinkPorts`, and datagram port `dgramPort` (null: none)
+ * bound and counted. Ends when every expected connection reached EOF.
+ */
+function mix(msg: Command, emit: EmitFn) {
+  const verify = (msg.verify ?? "sample") as VerifyMode;
+  const echoPort = msg.echoPort === null || msg.echoPort === undefined
+    ? null
+    : Number(msg.echoPort);
+  const sinkPorts = (msg.sinkPorts as unknown[]).map(Number);
+  const listeners = [...sinkPorts, ...(echoPort === null ? [] : [echoPort])].map((p) =>
+    g.listen(p)
+  );
+  const dgram = msg.dgramPort === null || msg.dgramPort === undefined
+    ? null
+    : g.bindDgram(Number(msg.dgramPort));
+  const rxDgrams0 = g.stats.rxDgrams;
+  emit("listening");
+  const a0 = g.anomalies.length;
+  const cpu0 = cpuSeconds();
+  const t0 = now();
+  const irq0 = g.interrupts;
+  let echoer: Echoer | null = null;
+  const sinks: SinkStream[] = [];
+  const open = new Set(listeners);
   drive(
     () => {
       let work = 0;
-      while (queue.length > 0) {
-        const chunk = queue[0];
-        const n = Math.min(chunk.length, g.sendRoom(conn), INLINE_MAX);
-        if (n === 0) break;
-        g.sendCopy(conn, chunk.subarray(0, n));
-        if (n === chunk.length) queue.shift();
-        else queue[0] = chunk.subarray(n);
-        work += n;
-        echoed += n;
+      for (const l of open) {
+        const c = l.pending.shift();
+        if (c === undefined) continue;
+        open.delete(l);
+        g.unlisten(l);
+        if (l.port === echoPort) echoer = new Echoer(c);
+        else sinks.push(new SinkStream(c, verify, `host->guest port ${l.port}`));
       }
+      for (const s of sinks) s.step();
+      if (echoer !== null) work += echoer.step();
       return work;
     },
-    () => conn.eof && queue.length === 0,
-    `echo on port ${msg.port}`,
+    () =>
+      sinks.length === sinkPorts.length && sinks.every((s) => s.conn.eof) &&
+      (echoPort === null || (echoer !== null && echoer.done)),
+    `fairness mix (echo ${echoPort}, sinks ${sinkPorts.join(",")}, datagrams ${msg.dgramPort})`,
   );
+  for (const s of sinks) s.step();
   const cpu = usage(cpu0, t0);
-  closeConns([conn], `close of the echo connection`);
-  return { echoed, ...cpu };
+  const e = echoer as Echoer | null;
+  closeConns(
+    [...sinks.map((s) => s.conn), ...(e === null ? [] : [e.conn])],
+    "close of the fairness mix",
+  );
+  if (dgram !== null) g.unbindDgram(dgram);
+  return {
+    sinks: sinks.map((s) => s.result()),
+    echoed: e?.echoed ?? 0,
+    datagrams: dgram?.datagrams ?? 0,
+    dgramBytes: dgram?.bytes ?? 0,
+    rxDgrams: g.stats.rxDgrams - rxDgrams0,
+    ...cpu,
+    wakeups: g.interrupts - irq0,
+    anomalies: g.anomalies.slice(a0),
+  };
 }
 
 // ---- many connections ------------------------------------------------------------------
@@ -475,6 +570,6 @@ sendLine({
 });
 
 await serveCommands(
-  { source, sink, echo, manyOpen, manyTransfer, manyClose, stats },
+  { source, sink, echo, mix, manyOpen, manyTransfer, manyClose, stats },
   () => g.fe.close(),
 );

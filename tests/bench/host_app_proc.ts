@@ -6,28 +6,37 @@
  * The same code serves both sides of the comparison: against the back end's hybrid socket
  * (`CONNECT <port>\n` to `--uds-path`, or a listener at `<uds-path>_<port>`), and against another
  * instance of itself for the raw AF_UNIX baselines. Single streams block; the many-connection
- * commands use one epoll loop over non-blocking sockets.
+ * commands and the fairness load use non-blocking sockets. Host->guest datagrams follow the back
+ * end's protocol (lib/vsock/dgram.ts): `<guest-port>\n<payload>` from `<uds-path>_<P>.dgram`.
  *
- * Commands: sink, source, echo, pingpong, manyListen, manyOpen, manyTransfer, manyClose, stats.
+ * Commands: sink, source, echo, pingpong, load, manyListen, manyOpen, manyTransfer, manyClose,
+ * stats.
  */
 import {
   acceptRaw,
+  bindUnixDgram,
   close,
+  connectRaw,
   connectUnix,
   cpuSeconds,
   EAGAIN,
+  ECONNREFUSED,
   Epoll,
   EPOLLERR,
   EPOLLHUP,
   EPOLLIN,
   EPOLLOUT,
   listenUnix,
+  MessageIo,
+  pollFds,
+  POLLOUT,
   readRaw,
   setNonBlocking,
   SHUT_WR,
   shutdownRaw,
   writeRaw,
 } from "../../ffi/mod.ts";
+import { DGRAM_SUFFIX } from "../../lib/vsock/dgram.ts";
 import { type Command, type EmitFn, sendLine, serveCommands } from "./control.ts";
 import {
   chunkAt,
@@ -224,9 +233,10 @@ function echo(msg: Command, emit: EmitFn) {
 }
 
 /**
- * pingpong {path, hybridPort, size, warmup, iterations}: connect, then `warmup` + `iterations`
- * round trips of `size` bytes (write, read all back); returns RTT percentiles in microseconds
- * over the measured iterations.
+ * pingpong {path, hybridPort, size, warmup, iterations, durationMs?}: connect, then `warmup` +
+ * `iterations` round trips of `size` bytes (write, read all back), or fewer once `durationMs`
+ * of measured round trips have passed; returns RTT percentiles in microseconds over the
+ * measured iterations.
  */
 function pingpong(msg: Command, emit: EmitFn) {
   const hybridPort = msg.hybridPort === null || msg.hybridPort === undefined
@@ -234,17 +244,25 @@ function pingpong(msg: Command, emit: EmitFn) {
     : Number(msg.hybridPort);
   const size = Number(msg.size);
   const warmup = Number(msg.warmup);
-  const iterations = Number(msg.iterations);
+  const maxIterations = Number(msg.iterations);
+  const durationMs = Number(msg.durationMs ?? Infinity);
   const fd = connectTo(String(msg.path), hybridPort);
   emit("connected");
   const out = chunkAt(pattern, 0, 0, size);
   const back = new Uint8Array(size);
-  const rtt = new Float64Array(iterations);
+  const rtt = new Float64Array(maxIterations);
   const cpu0 = cpuSeconds();
   const t0 = now();
   let bad = 0;
-  for (let i = 0; i < warmup + iterations; i++) {
+  let iterations = maxIterations;
+  let deadline = Infinity;
+  for (let i = 0; i < warmup + maxIterations; i++) {
     const t = performance.now();
+    if (i === warmup) deadline = t + durationMs;
+    else if (i > warmup && t > deadline) {
+      iterations = i - warmup;
+      break;
+    }
     writeFully(fd, out);
     let got = 0;
     while (got < size) {
@@ -262,21 +280,110 @@ function pingpong(msg: Command, emit: EmitFn) {
   shutdownRaw(fd, SHUT_WR);
   drainToEof(fd);
   close(fd);
-  rtt.sort();
-  const pct = (p: number) => rtt[Math.min(iterations - 1, Math.floor(p * iterations))];
+  const measured = rtt.subarray(0, iterations).sort();
+  const pct = (p: number) => measured[Math.min(iterations - 1, Math.floor(p * iterations))];
   let sum = 0;
-  for (const x of rtt) sum += x;
+  for (const x of measured) sum += x;
   return {
     p50: pct(0.5),
     p90: pct(0.9),
     p99: pct(0.99),
-    max: rtt[iterations - 1],
+    max: measured[iterations - 1],
     mean: sum / iterations,
     iterations,
     wall,
     cpu,
     mismatches: bad,
   };
+}
+
+// ---- fairness load -----------------------------------------------------------------------------
+
+/** Datagrams sent per loop turn at most, so the streams get their turn. */
+const DGRAM_BURST = 64;
+
+/**
+ * load {udsPath, ports, writeSize, durationMs, dgram: {fromPort, toPort, size} | null}: the
+ * fairness figure's background load. Opens one hybrid connection to each guest port of
+ * `ports`; with `dgram`, binds a datagram socket at `<udsPath>_<fromPort>.dgram` (the host
+ * port the guest sees) and connects it to the back end's `<udsPath>.dgram`. Then, for
+ * `durationMs`, keeps every stream's socket full (non-blocking `writeSize` writes of the
+ * pattern) and sends `<toPort>\n` + `size`-byte datagrams as fast as the socket takes them,
+ * sleeping in poll(2) only when nothing moved; then half-closes the streams and waits for the
+ * guest's close. Emits "started" once everything is open.
+ */
+function load(msg: Command, emit: EmitFn) {
+  const udsPath = String(msg.udsPath);
+  const ports = (msg.ports as unknown[]).map(Number);
+  const writeSize = Math.min(Number(msg.writeSize), MAX_CHUNK);
+  const dg = msg.dgram as { fromPort: number; toPort: number; size: number } | null;
+  const fds = ports.map((p) => {
+    const fd = connectTo(udsPath, p);
+    setNonBlocking(fd);
+    return fd;
+  });
+  const sent = ports.map(() => 0);
+  let dfd = -1;
+  let dgPath = "";
+  const io = new MessageIo();
+  if (dg !== null) {
+    dgPath = `${udsPath}_${dg.fromPort}${DGRAM_SUFFIX}`;
+    try {
+      Deno.removeSync(dgPath);
+    } catch { /* not there */ }
+    dfd = bindUnixDgram(dgPath);
+    const r = connectRaw(dfd, `${udsPath}${DGRAM_SUFFIX}`);
+    if (r < 0) fail(`connect to ${udsPath}${DGRAM_SUFFIX}`, r);
+    io.setIov(0, enc.encode(`${dg.toPort}\n`));
+    io.setIov(1, pattern.slice(0, dg.size));
+  }
+  const pollList = dfd < 0 ? fds : [...fds, dfd];
+  const pollEvents = pollList.map(() => POLLOUT);
+  emit("started");
+  const cpu0 = cpuSeconds();
+  const t0 = now();
+  const deadline = t0 + Number(msg.durationMs);
+  let dgramsSent = 0;
+  let dgramsRefused = 0;
+  let sleeps = 0;
+  while (now() < deadline) {
+    let moved = 0;
+    for (let i = 0; i < fds.length; i++) {
+      const n = writeRaw(fds[i], chunkAt(pattern, 0, sent[i], writeSize), writeSize);
+      if (n > 0) {
+        sent[i] += n;
+        moved++;
+      } else if (n !== -EAGAIN) fail(`write to guest port ${ports[i]}`, n);
+    }
+    for (let k = 0; dfd >= 0 && k < DGRAM_BURST; k++) {
+      const n = io.send(dfd, 2);
+      if (n > 0) {
+        dgramsSent++;
+        moved++;
+      } else if (n === -EAGAIN) break;
+      else if (n === -ECONNREFUSED) dgramsRefused++;
+      else fail("datagram send", n);
+    }
+    if (moved === 0) {
+      sleeps++;
+      pollFds(pollList, pollEvents, 5);
+    }
+  }
+  const tWritten = now();
+  const cpu = cpuSeconds() - cpu0;
+  for (const fd of fds) {
+    setNonBlocking(fd, false);
+    shutdownRaw(fd, SHUT_WR);
+  }
+  for (const fd of fds) {
+    drainToEof(fd);
+    close(fd);
+  }
+  if (dfd >= 0) {
+    close(dfd);
+    Deno.removeSync(dgPath);
+  }
+  return { bytes: sent, t0, tWritten, cpu, dgramsSent, dgramsRefused, sleeps };
 }
 
 // ---- many connections --------------------------------------------------------------------------
@@ -524,7 +631,7 @@ function stats() {
 
 sendLine({ id: 0, ev: "ready" });
 await serveCommands(
-  { sink, source, echo, pingpong, manyListen, manyOpen, manyTransfer, manyClose, stats },
+  { sink, source, echo, pingpong, load, manyListen, manyOpen, manyTransfer, manyClose, stats },
   () => {
     for (const path of [...listeners.keys()]) closeListener(path);
   },

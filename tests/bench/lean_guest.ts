@@ -4,8 +4,8 @@
  * `virtio_transport_common.c` for stream sockets over the `lib/testing` VMM front end
  * (`VhostUserFrontEnd`, which speaks vhost-user to the back end) and guest RAM:
  *
- * - probe: the features Linux keeps (VERSION_1, EVENT_IDX, INDIRECT_DESC), guest_cid from the
- *   config space, rings and buffers laid out by lean_rings.ts, DRIVER_OK, rx and event queues
+ * - probe: the features Linux keeps (VERSION_1, EVENT_IDX, INDIRECT_DESC; DGRAM when offered),
+ *   guest_cid from the config space, rings and buffers laid out by lean_rings.ts, DRIVER_OK, rx and event queues
  *   filled;
  * - zero-copy tx: RW payload is referenced from the payload pool in guest RAM (`sendPool`);
  *   only payload that is not there (echo replies) is copied into the tx slot (`sendCopy`);
@@ -16,6 +16,9 @@
  *   read emptied the queue);
  * - credit: every header carries our buf_alloc / fwd_cnt; RW payload never exceeds the peer's
  *   free credit; CREDIT_REQUEST is answered; data beyond our credit is dropped and recorded;
+ * - datagrams (the 2022 RFC's VIRTIO_VSOCK_F_DGRAM, acked when offered): each DGRAM packet is
+ *   counted for its destination port (`bindDgram`) and its rx buffer recycled at once, like a
+ *   socket whose application reads and discards;
  * - connections: REQUEST / RESPONSE, listeners (REQUEST answered with RESPONSE), SHUTDOWN
  *   flags sticky, a peer that shut down both ways gets an RST, close = SHUTDOWN(both) then
  *   wait for the RST, RST for packets to no socket; header-only packets that find no tx slot
@@ -29,7 +32,7 @@
 import { sys } from "../../ffi/libc.ts";
 import { POLLERR, POLLHUP, POLLIN } from "../../ffi/mod.ts";
 import { type FrontEndProfile, VhostUserFrontEnd } from "../../lib/testing/front_end.ts";
-import { LINUX_DRIVER_FEATURES } from "../../lib/testing/guest_driver.ts";
+import { GUEST_DRIVER_FEATURES } from "../../lib/testing/guest_driver.ts";
 import {
   featureMask,
   VIRTIO_RING_F_EVENT_IDX,
@@ -38,6 +41,7 @@ import {
 import {
   MAX_PKT_PAYLOAD,
   VIRTIO_VSOCK_EVENT_TRANSPORT_RESET,
+  VIRTIO_VSOCK_F_DGRAM,
   VIRTIO_VSOCK_HDR_SIZE,
   VIRTIO_VSOCK_OP_CREDIT_REQUEST,
   VIRTIO_VSOCK_OP_CREDIT_UPDATE,
@@ -49,6 +53,7 @@ import {
   VIRTIO_VSOCK_SHUTDOWN_F_BOTH,
   VIRTIO_VSOCK_SHUTDOWN_F_RECEIVE,
   VIRTIO_VSOCK_SHUTDOWN_F_SEND,
+  VIRTIO_VSOCK_TYPE_DGRAM,
   VIRTIO_VSOCK_TYPE_STREAM,
   VSOCK_HOST_CID,
 } from "../../lib/vsock/constants.ts";
@@ -110,6 +115,13 @@ export class LeanListener {
   constructor(readonly port: number) {}
 }
 
+/** A bound datagram port: counts what arrives (the application reads and discards). */
+export class LeanDgramSocket {
+  datagrams = 0;
+  bytes = 0;
+  constructor(readonly port: number) {}
+}
+
 /** Options of `LeanGuest.boot`. */
 export interface LeanGuestOptions {
   readonly profile: FrontEndProfile;
@@ -128,6 +140,8 @@ export interface LeanStats {
   kicks: number[];
   interrupts: number[];
   rxPackets: number;
+  /** DGRAM packets received (to a bound port or not) */
+  rxDgrams: number;
   txPackets: number;
   creditUpdatesSent: number;
   polls: number;
@@ -139,6 +153,7 @@ export class LeanGuest {
     kicks: [0, 0, 0],
     interrupts: [0, 0, 0],
     rxPackets: 0,
+    rxDgrams: 0,
     txPackets: 0,
     creditUpdatesSent: 0,
     polls: 0,
@@ -146,12 +161,14 @@ export class LeanGuest {
   readonly anomalies: string[] = [];
   readonly conns = new Map<string, LeanConn>();
   readonly #listeners = new Map<number, LeanListener>();
+  readonly #dgramPorts = new Map<number, LeanDgramSocket>();
   readonly #backlog: { conn: LeanConn | null; h: PacketHeader }[] = [];
   readonly #unread: LeanConn[] = [];
   readonly #rxHdr = new PacketHeader();
   readonly #txHdr = new PacketHeader();
   #last: LeanConn | null = null;
   #nextPort = 1024;
+  readonly #dgramAcked: boolean;
   readonly #pfd: Int32Array;
   readonly #pfdBytes: Uint8Array;
   readonly #rev: Int16Array;
@@ -173,6 +190,7 @@ export class LeanGuest {
     }
     this.#pfdBytes = new Uint8Array(this.#pfd.buffer);
     this.#nfds = BigInt(fds.length);
+    this.#dgramAcked = (features & featureMask(VIRTIO_VSOCK_F_DGRAM)) !== 0n;
   }
 
   /** Connects the VMM front end to the back end at `socket` and probes the device. */
@@ -182,7 +200,7 @@ export class LeanGuest {
       queueSize: o.queueSize,
       regions: [{ gpa: 0, size: o.ramMiB * 1024 * 1024 }],
     });
-    const features = fe.deviceFeatures() & LINUX_DRIVER_FEATURES;
+    const features = fe.deviceFeatures() & GUEST_DRIVER_FEATURES;
     const rings = new LeanRings(fe.memory, o.queueSize, {
       eventIdx: (features & featureMask(VIRTIO_RING_F_EVENT_IDX)) !== 0n,
       indirect: (features & featureMask(VIRTIO_RING_F_INDIRECT_DESC)) !== 0n,
@@ -219,6 +237,17 @@ export class LeanGuest {
   unlisten(l: LeanListener): void {
     this.#listeners.delete(l.port);
     for (const c of l.pending.splice(0)) this.reset(c);
+  }
+
+  /** Binds datagram port `port` (its datagrams are counted there). */
+  bindDgram(port: number): LeanDgramSocket {
+    const s = new LeanDgramSocket(port);
+    this.#dgramPorts.set(port, s);
+    return s;
+  }
+
+  unbindDgram(s: LeanDgramSocket): void {
+    this.#dgramPorts.delete(s.port);
   }
 
   /** Payload bytes one RW packet of `c` may carry now (0: no credit, slot or descriptors). */
@@ -357,6 +386,16 @@ export class LeanGuest {
     this.stats.rxPackets++;
     if (h.dstCid !== this.guestCid || h.dstCidHi !== 0 || h.srcCidHi !== 0) {
       this.#anomaly(`packet for CID ${h.dstCid} reached guest ${this.guestCid}: ${h.describe()}`);
+    }
+    if (h.type === VIRTIO_VSOCK_TYPE_DGRAM && this.#dgramAcked) {
+      // No connection, no credit, no reply: count it; the buffer is re-posted by the caller.
+      this.stats.rxDgrams++;
+      const s = this.#dgramPorts.get(h.dstPort);
+      if (s !== undefined && h.op === VIRTIO_VSOCK_OP_RW) {
+        s.datagrams++;
+        s.bytes += h.len;
+      }
+      return;
     }
     if (h.type !== VIRTIO_VSOCK_TYPE_STREAM) {
       this.#anomaly(`packet of unsupported type: ${h.describe()}`);

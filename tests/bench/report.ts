@@ -46,6 +46,14 @@ export function fmt(x: number): string {
   return x.toFixed(3);
 }
 
+/** The median of the finite values of `xs` (NaN when there are none). */
+export function median(xs: readonly number[]): number {
+  const s = xs.filter(Number.isFinite).sort((a, b) => a - b);
+  if (s.length === 0) return NaN;
+  const m = s.length >> 1;
+  return s.length % 2 === 1 ? s[m] : (s[m - 1] + s[m]) / 2;
+}
+
 function ratio(a: number, b: number): number {
   return Number.isFinite(a) && Number.isFinite(b) && b !== 0 ? a / b : NaN;
 }
@@ -140,6 +148,8 @@ export interface Report {
   /** back-end names */
   readonly names: readonly string[];
   readonly streams: readonly StreamRun[];
+  /** the fairness figure (fairness.ts), if it ran: header and rows */
+  readonly fairness?: { readonly head: readonly string[]; readonly rows: readonly string[][] };
 }
 
 /** The report as text (stdout) and as Markdown (the same tables). */
@@ -186,6 +196,7 @@ export function renderReport(r: Report): { text: string; markdown: string } {
       "",
       figureTable(r.rows, r.names, { markdown: md }),
     ];
+    if (r.fairness !== undefined) out.push("", render(r.fairness.head, r.fairness.rows));
     if (r.cpuRows.length > 0) {
       out.push(
         "",

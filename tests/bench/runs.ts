@@ -132,8 +132,22 @@ export class Runner {
     readonly hostB: BenchChild,
   ) {}
 
-  #check(what: string, ok: boolean, detail: string): void {
+  /** Records an integrity problem unless `ok`. */
+  check(what: string, ok: boolean, detail: string): void {
     if (!ok) this.integrity.push(`${what}: ${detail}`);
+  }
+
+  /** Records what the guest saw breaking the spec with back end `backend`. */
+  noteAnomalies(backend: string, key: string, anomalies: readonly string[]): void {
+    if (anomalies.length === 0) return;
+    const list = this.anomalies.get(backend) ?? [];
+    list.push(...anomalies.map((a) => `${key}: ${a}`));
+    this.anomalies.set(backend, list);
+  }
+
+  /** A port number not used before in this run. */
+  newPort(): number {
+    return this.#nextPort++;
   }
 
   #timeout(): number {
@@ -160,16 +174,11 @@ export class Runner {
     const bytes = num(snk, "bytes");
     const seconds = (num(snk, "tEnd") - num(src, "t0")) / 1000;
     const what = `${backend} ${key}`;
-    this.#check(what, bytes === num(src, "bytes"), `sent ${src.bytes} bytes, received ${bytes}`);
+    this.check(what, bytes === num(src, "bytes"), `sent ${src.bytes} bytes, received ${bytes}`);
     if (snk.mismatches !== undefined) {
-      this.#check(what, num(snk, "mismatches") === 0, String(snk.error));
+      this.check(what, num(snk, "mismatches") === 0, String(snk.error));
     }
-    const anomalies = (guestSide?.anomalies ?? []) as string[];
-    if (anomalies.length > 0) {
-      const list = this.anomalies.get(backend) ?? [];
-      list.push(...anomalies.map((a) => `${key}: ${a}`));
-      this.anomalies.set(backend, list);
-    }
+    this.noteAnomalies(backend, key, (guestSide?.anomalies ?? []) as string[]);
     return {
       key,
       backend,
@@ -308,7 +317,7 @@ export class Runner {
     );
     const b1 = rig === null ? 0 : procCpuSeconds(rig.backend.pid);
     await echoCall.done(this.opts.stallMs);
-    this.#check(`${rig?.name ?? "raw"} ping-pong`, num(pp, "mismatches") === 0, "echo mismatch");
+    this.check(`${rig?.name ?? "raw"} ping-pong`, num(pp, "mismatches") === 0, "echo mismatch");
     return {
       ...(pp as unknown as PingPong),
       backendCpuPerRtt: rig === null ? undefined : (b1 - b0) / (iterations + warmup),
@@ -383,7 +392,7 @@ export class Runner {
       errors.push(`streams: guest got ${gr.streamsIn}/${nIn}, host got ${hr.streamsIn}/${nOut}`);
     }
     const intact = errors.length === 0;
-    this.#check(`${rig.name} ${nConns} connections`, intact, errors.slice(0, 5).join("; "));
+    this.check(`${rig.name} ${nConns} connections`, intact, errors.slice(0, 5).join("; "));
     const seconds = Math.max(num(gr, "wall"), num(hr, "wall"));
     return {
       conns: nConns,

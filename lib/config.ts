@@ -74,6 +74,8 @@ export interface DaemonConfig {
   printVersion?: boolean;
   /** `--dgram`: offer VIRTIO_VSOCK_F_DGRAM (feature bit 3); off by default */
   datagrams: boolean;
+  /** `--poll-us N`: busy-poll this long after activity before sleeping (0 = off) */
+  pollUs?: number;
   /** `--no-autotune`: keep every receive window at `--tx-buffer-size` */
   noAutotune?: boolean;
   /** `--max-buffer-memory N`: bytes of grown receive windows per VM */
@@ -120,6 +122,8 @@ const U32_MAX = 0xffffffff;
 /** Upper bounds for daemon knobs: a timer a day away, and the usual hard RLIMIT_NOFILE. */
 const CONNECT_TIMEOUT_MS_MAX = 86_400_000;
 const MAX_CONNECTIONS_LIMIT = 1 << 20;
+/** Largest `--poll-us`: 10 ms of spinning after each burst of activity. */
+const POLL_US_MAX = 10_000;
 /** Largest `--rx-weight`: a flow may get at most 64 times the default share. */
 const RX_WEIGHT_MAX = 64;
 
@@ -192,6 +196,8 @@ Daemon:
   --log-level LEVEL       error, warn, info, debug or trace (default: info)
   --dgram                 offer datagram sockets (VIRTIO_VSOCK_F_DGRAM, feature bit 3; not in
                           the virtio spec) on <uds-path>.dgram (default: off)
+  --poll-us N             after activity, poll for up to N microseconds before sleeping:
+                          lower latency for a spinning CPU (0..10000; default: 0, off)
   --no-autotune           keep each connection's receive window at --tx-buffer-size (default:
                           windows grow up to 4 MiB while the host app keeps up)
   --max-buffer-memory N   bytes of grown receive windows per VM (default: 268435456)
@@ -507,6 +513,7 @@ const OPTIONS = {
   "dgram": { type: "boolean" },
   "rx-weight": { type: "string", multiple: true },
   "no-autotune": { type: "boolean" },
+  "poll-us": { type: "string" },
   "max-buffer-memory": { type: "string" },
   "connect-timeout-ms": { type: "string" },
   "max-connections": { type: "string" },
@@ -620,6 +627,9 @@ export function parseArgs(argv: string[]): DaemonConfig {
   if (values["log-level"] !== undefined) config.logLevel = logLevel(values["log-level"]);
   config.datagrams = values.dgram === true;
   if (values["no-autotune"] === true) config.noAutotune = true;
+  if (values["poll-us"] !== undefined) {
+    config.pollUs = decimal(values["poll-us"], "--poll-us", 0, POLL_US_MAX);
+  }
   if (values["max-buffer-memory"] !== undefined) {
     config.maxBufferMemory = decimal(
       values["max-buffer-memory"],

@@ -68,6 +68,7 @@ export class Daemon {
     this.reactor.onWake(() => {
       if (shouldStop()) this.reactor.stop();
     });
+    this.reactor.pollUs = this.config.pollUs ?? 0;
     this.reactor.run();
   }
 

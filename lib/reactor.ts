@@ -162,10 +162,22 @@ export class Reactor {
     return n;
   }
 
-  /** Runs until `stop()`. Blocks the calling thread in epoll_wait. */
+  /**
+   * Busy polling (`--poll-us`, off at 0): for this many microseconds after a batch that had
+   * events, the loop asks epoll without sleeping instead of blocking in epoll_wait, so the
+   * next kick or host packet is handled without a thread wake-up (vhost-net's
+   * busyloop_timeout does the same). It costs a CPU spinning while traffic is bursty.
+   */
+  pollUs = 0;
+
+  /** Runs until `stop()`. Blocks the calling thread in epoll_wait (or polls: `pollUs`). */
   run(): void {
     this.#stopped = false;
-    while (!this.#stopped) this.runOnce(-1);
+    let lastActive = -Infinity;
+    while (!this.#stopped) {
+      const polling = this.pollUs > 0 && performance.now() - lastActive < this.pollUs / 1000;
+      if (this.runOnce(polling ? 0 : -1) > 0) lastActive = performance.now();
+    }
   }
 
   /** Closes the reactor's own fds (not the registered ones). */

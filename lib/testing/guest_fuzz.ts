@@ -26,6 +26,8 @@ import {
   VRING_DESC_SIZE,
 } from "../virtio/split_layout.ts";
 import { VSOCK_VQ_RX, VSOCK_VQ_TX } from "../vsock/constants.ts";
+import { mulberry32 } from "./prng.ts";
+export { mulberry32 };
 
 /** Options of `fuzzGuest`. */
 export interface GuestFuzzOptions {
@@ -62,18 +64,6 @@ export interface GuestFuzzReport {
 /** An invariant broke: the message names the seed and the step. */
 export class GuestFuzzViolation extends Error {
   override name = "GuestFuzzViolation";
-}
-
-/** mulberry32: a small, fast 32-bit PRNG; returns floats in [0, 1). */
-export function mulberry32(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
 }
 
 /** Byte `i` of the well-behaved stream: position-dependent, so loss and reordering show. */

@@ -28,13 +28,16 @@
  * writes the next one into a guest rx buffer (RW data is read with one readv from the host
  * socket straight into guest memory, bounded by the guest's credit).
  *
+ * A seqpacket connection is the same state machine with message boundaries kept both ways
+ * by `SeqpacketMessages` (seqpacket.ts). A full close of the host socket becomes SHUTDOWN
+ * with both flags (see `#hostGone`); windows grow while the host app keeps up (autotune.ts).
+ *
  * The connection knows nothing of virtqueues: it reads and writes descriptor chains it is
  * handed, and reaches the rest of the device through `ConnectionContext`.
  */
 import {
   close,
   EAGAIN,
-  EMSGSIZE,
   EPOLLET,
   EPOLLHUP,
   EPOLLIN,
@@ -48,7 +51,7 @@ import {
   writeRaw,
   writevRaw,
 } from "../../ffi/mod.ts";
-import { type MessageIo, MSG_PEEK, MSG_TRUNC } from "../../ffi/message.ts";
+import type { MessageIo } from "../../ffi/message.ts";
 import { log } from "../log.ts";
 import type { Reactor, Timer } from "../reactor.ts";
 import type { DescChain } from "../virtio/desc_chain.ts";
@@ -66,7 +69,6 @@ import {
   VIRTIO_VSOCK_OP_RST,
   VIRTIO_VSOCK_OP_RW,
   VIRTIO_VSOCK_OP_SHUTDOWN,
-  VIRTIO_VSOCK_SEQ_EOM,
   VIRTIO_VSOCK_SHUTDOWN_F_BOTH,
   VIRTIO_VSOCK_SHUTDOWN_F_RECEIVE,
   VIRTIO_VSOCK_SHUTDOWN_F_SEND,
@@ -78,6 +80,7 @@ import { Credit } from "./credit.ts";
 import type { PacketHeader } from "./packet.ts";
 import { RX_BATCH_MAX_CHAINS, type RxChainSource } from "./rx_batch.ts";
 import type { RxFlow } from "./rx_scheduler.ts";
+import { SeqpacketMessages } from "./seqpacket.ts";
 import type { DeviceStats } from "./stats.ts";
 import type { WindowAutotune } from "./autotune.ts";
 import type { TxGather } from "./tx_gather.ts";
@@ -105,11 +108,6 @@ const EXTRA_CHAINS: DescChain[] = [];
 const EXTRA_CAPS = new Uint32Array(RX_BATCH_MAX_CHAINS);
 /** Leave a few of the context's iovecs unused by multi-chain reads (a chain may need several). */
 const MAX_READ_IOV = 60;
-
-/** A buffer for the zero-length iovec of a message-size peek. */
-const PEEK_BYTE = new Uint8Array(1);
-/** poll(2) event: the peer shut down its writing side. */
-const POLLRDHUP = 0x2000;
 
 /** Owed packets that carry only a header and need no data before them. */
 const HEADER_ONLY_FIRST = Pending.RST | Pending.REQUEST | Pending.RESPONSE |
@@ -181,13 +179,8 @@ export class VsockConnection implements RxFlow {
   readonly hostInitiated: boolean;
   /** the window advertised at the start (autotuning grows from it) */
   readonly initialWindow: number;
-  /** seqpacket: lengths of the complete guest messages queued in `toHost`, oldest first */
-  readonly #toHostMessages: number[] = [];
-  /** seqpacket: bytes of the guest message still being received (no EOM yet) in `toHost` */
-  #partialMessage = 0;
-  /** seqpacket: the host message being delivered to the guest, and how far */
-  #outMessage: Uint8Array | null = null;
-  #outOffset = 0;
+  /** seqpacket only: message boundaries both ways (seqpacket.ts) */
+  readonly messages: SeqpacketMessages | null;
 
   constructor(
     readonly ctx: ConnectionContext,
@@ -201,6 +194,7 @@ export class VsockConnection implements RxFlow {
     readonly type: number = VIRTIO_VSOCK_TYPE_STREAM,
   ) {
     this.state = state;
+    this.messages = type === VIRTIO_VSOCK_TYPE_SEQPACKET ? new SeqpacketMessages(this) : null;
     this.initialWindow = bufAlloc;
     this.credit = new Credit(bufAlloc);
     this.toHost = new ByteQueue(bufAlloc);
@@ -223,7 +217,7 @@ export class VsockConnection implements RxFlow {
     if (this.state !== ConnState.ESTABLISHED) return false;
     if ((this.guestShutdown & VIRTIO_VSOCK_SHUTDOWN_F_RECEIVE) !== 0) return false;
     if (this.credit.peerFree() <= 0) return false;
-    if (this.#outMessage !== null) return true;
+    if (this.messages?.delivering) return true;
     return this.fromHost !== null || (this.hostReadable && !this.hostEof);
   }
 
@@ -331,7 +325,7 @@ export class VsockConnection implements RxFlow {
     }
     this.ctx.stats.txBytes += len;
     if (this.type === VIRTIO_VSOCK_TYPE_SEQPACKET) {
-      this.#guestMessageData(chain, len, flags);
+      this.messages!.fromGuest(chain, len, flags);
       return;
     }
     if (this.toHost.length === 0 && !this.hostWriteShut) {
@@ -350,55 +344,11 @@ export class VsockConnection implements RxFlow {
       }
       return;
     }
-    const dst = this.#queueToHost(len);
+    const dst = this.queueToHost(len);
     if (dst !== null) {
       chain.readInto(dst, VIRTIO_VSOCK_HDR_SIZE);
       this.toHost.commit(len);
     }
-  }
-
-  /**
-   * Seqpacket: the guest's packets are collected in `toHost` until the one with EOM, then the
-   * whole message goes to the host socket as one record. The credit we gave bounds what can
-   * wait (Linux refuses to send a message larger than our buf_alloc).
-   */
-  #guestMessageData(chain: DescChain, len: number, flags: number): void {
-    if (len > 0) {
-      const dst = this.#queueToHost(len);
-      if (dst === null) return;
-      chain.readInto(dst, VIRTIO_VSOCK_HDR_SIZE);
-      this.toHost.commit(len);
-      this.#partialMessage += len;
-    }
-    if ((flags & VIRTIO_VSOCK_SEQ_EOM) === 0) return;
-    this.#toHostMessages.push(this.#partialMessage);
-    this.#partialMessage = 0;
-    if (this.#toHostMessages.length === 1) this.#flushMessages();
-  }
-
-  /** Seqpacket: sends the complete queued messages, one record each; false if some wait. */
-  #flushMessages(): boolean {
-    const io = this.ctx.msgIo;
-    while (this.#toHostMessages.length > 0) {
-      const len = this.#toHostMessages[0];
-      io.setIov(0, this.toHost.peek(), len);
-      const n = io.send(this.hostFd, 1);
-      if (n === -EAGAIN) return false;
-      if (n < 0) {
-        this.ctx.logFault(
-          n === -EMSGSIZE
-            ? `vsock: a ${len}-byte guest message is larger than the host socket of ` +
-              `${this.describe()} takes in one record; resetting`
-            : `vsock: host app of ${this.describe()} closed (errno ${-n}); resetting`,
-        );
-        this.reset();
-        return false;
-      }
-      this.toHost.consume(len);
-      this.#toHostMessages.shift();
-      this.#forwarded(len);
-    }
-    return true;
   }
 
   /**
@@ -414,13 +364,14 @@ export class VsockConnection implements RxFlow {
       return null;
     }
     const written = n > 0 ? n : 0;
-    if (written > 0) this.#forwarded(written);
+    if (written > 0) this.forwarded(written);
     if (written >= len) return null;
-    return this.#queueToHost(len - written);
+    return this.queueToHost(len - written);
   }
 
   /** Room for `n` more bytes in the guest -> host backlog, or null (reset: overflow). */
-  #queueToHost(n: number): Uint8Array | null {
+  /** @internal (seqpacket.ts) */
+  queueToHost(n: number): Uint8Array | null {
     const dst = this.toHost.reserve(n);
     if (dst === null) {
       this.ctx.logFault(`vsock: guest->host buffer overflow on ${this.describe()}; resetting`);
@@ -429,8 +380,8 @@ export class VsockConnection implements RxFlow {
     return dst;
   }
 
-  /** `n` bytes reached the host app: credit goes back to the guest. */
-  #forwarded(n: number): void {
+  /** `n` bytes reached the host app: credit goes back to the guest. @internal (seqpacket.ts) */
+  forwarded(n: number): void {
     this.credit.onForwarded(n);
     if (!this.closeWhenFlushed && this.credit.needsCreditUpdate()) {
       this.#autotune();
@@ -462,12 +413,8 @@ export class VsockConnection implements RxFlow {
   /** The host socket is writable again: drain what the guest sent meanwhile. */
   flushToHost(): void {
     if (this.type === VIRTIO_VSOCK_TYPE_SEQPACKET) {
-      if (!this.#flushMessages() || this.closed) return;
-      if (this.#partialMessage > 0 && (this.guestShutdown & VIRTIO_VSOCK_SHUTDOWN_F_SEND) !== 0) {
-        // The guest stopped sending in the middle of a message: it will never end.
-        this.toHost.dropTail(this.#partialMessage);
-        this.#partialMessage = 0;
-      }
+      if (!this.messages!.flush() || this.closed) return;
+      if ((this.guestShutdown & VIRTIO_VSOCK_SHUTDOWN_F_SEND) !== 0) this.messages!.dropPartial();
     }
     while (this.toHost.length > 0 && this.type !== VIRTIO_VSOCK_TYPE_SEQPACKET) {
       const data = this.toHost.peek();
@@ -479,7 +426,7 @@ export class VsockConnection implements RxFlow {
         return;
       }
       this.toHost.consume(n);
-      this.#forwarded(n);
+      this.forwarded(n);
     }
     if (this.closeWhenFlushed) {
       this.reset();
@@ -655,7 +602,7 @@ export class VsockConnection implements RxFlow {
    * checked `#owesData()`); -1 if the socket had nothing after all.
    */
   #fillData(chain: DescChain, room: number): number {
-    if (this.type === VIRTIO_VSOCK_TYPE_SEQPACKET) return this.#fillMessage(chain, room);
+    if (this.messages !== null) return this.messages.fill(chain, room);
     const max = Math.min(room, this.credit.peerFree(), MAX_PKT_PAYLOAD);
     let n: number;
     if (this.fromHost !== null) {
@@ -709,7 +656,7 @@ export class VsockConnection implements RxFlow {
     if (n <= 0) {
       if (extra > 0) src!.giveBack(extra);
       if (n === -EAGAIN) this.hostReadable = false;
-      else if (n === 0) this.#hostEofSeen();
+      else if (n === 0) this.hostEofSeen();
       else {
         this.ctx.logEvent(
           `vsock: host socket error on ${this.describe()} (errno ${-n}); resetting`,
@@ -738,7 +685,7 @@ export class VsockConnection implements RxFlow {
    * Host EOF: a half-close toward the guest (SHUTDOWN with SEND only), or a full close when
    * the app closed its socket (SHUTDOWN with both flags; see #hostGone).
    */
-  #hostEofSeen(): void {
+  hostEofSeen(): void {
     this.hostReadable = false;
     this.hostEof = true;
     // The HUP may not have been reported yet when the EOF is read: ask the socket.
@@ -748,76 +695,6 @@ export class VsockConnection implements RxFlow {
       : VIRTIO_VSOCK_SHUTDOWN_F_SEND;
     this.pending |= Pending.SHUTDOWN;
     if (log.debugOn) log.debug(`vsock: host EOF on ${this.describe()}`);
-  }
-
-  /**
-   * Seqpacket: the next part of the host message being delivered (reading the next message
-   * whole from the host socket first), EOM on its last part. One host send() is one guest
-   * message; AF_UNIX carries no MSG_EOR, so SEQ_EOR is never set here.
-   */
-  #fillMessage(chain: DescChain, room: number): number {
-    if (this.#outMessage === null) {
-      if (this.fromHost !== null) { // the rest of the CONNECT message
-        this.#outMessage = this.fromHost;
-        this.fromHost = null;
-      } else if (!this.#readMessage()) {
-        return -1;
-      }
-      this.#outOffset = 0;
-    }
-    const msg = this.#outMessage!;
-    const left = msg.length - this.#outOffset;
-    const n = Math.min(room, this.credit.peerFree(), MAX_PKT_PAYLOAD, left);
-    if (n <= 0 && left > 0) return -1;
-    chain.writeFrom(msg.subarray(this.#outOffset, this.#outOffset + n), VIRTIO_VSOCK_HDR_SIZE);
-    this.#outOffset += n;
-    const last = this.#outOffset >= msg.length;
-    if (last) this.#outMessage = null;
-    this.credit.consumeTx(n);
-    this.ctx.stats.rxBytes += n;
-    this.initHeader(VIRTIO_VSOCK_OP_RW, last ? VIRTIO_VSOCK_SEQ_EOM : 0, n);
-    this.ctx.emit(chain);
-    return VIRTIO_VSOCK_HDR_SIZE + n;
-  }
-
-  /** Seqpacket: reads the next host message whole into `#outMessage`; false if none. */
-  #readMessage(): boolean {
-    const io = this.ctx.msgIo;
-    io.setIov(0, PEEK_BYTE, 0);
-    const size = io.recv(this.hostFd, 1, MSG_PEEK | MSG_TRUNC);
-    if (size === -EAGAIN) {
-      this.hostReadable = false;
-      return false;
-    }
-    if (size < 0) {
-      this.ctx.logEvent(
-        `vsock: host socket error on ${this.describe()} (errno ${-size}); resetting`,
-      );
-      this.reset();
-      return false;
-    }
-    if (size === 0 && (pollFds([this.hostFd], [0], 0)[0] & (POLLHUP | POLLRDHUP)) !== 0) {
-      this.#hostEofSeen();
-      return false;
-    }
-    if (size > this.credit.peerBufAlloc) {
-      this.ctx.logFault(
-        `vsock: a ${size}-byte host message is larger than the guest's buffer ` +
-          `(${this.credit.peerBufAlloc}) on ${this.describe()}; resetting`,
-      );
-      this.reset();
-      return false;
-    }
-    const msg = new Uint8Array(size);
-    io.setIov(0, msg);
-    const n = io.recv(this.hostFd, 1);
-    if (n !== size) {
-      this.ctx.logEvent(`vsock: host message read failed on ${this.describe()}; resetting`);
-      this.reset();
-      return false;
-    }
-    this.#outMessage = msg;
-    return true;
   }
 
   // --- teardown ------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import {
   type VsockGuestOptions,
   writeAll,
 } from "../../lib/testing/mod.ts";
+import { mulberry32 } from "../../lib/testing/prng.ts";
 
 const ITERATIONS = Number(Deno.env.get("STRESS_ITERATIONS") ?? 5000);
 const SECONDS = Number(Deno.env.get("STRESS_SECONDS") ?? 20);
@@ -36,17 +37,7 @@ const DRAIN_TIMEOUT_MS = 10_000;
 const BARRIER_EVERY = 200;
 const MAX_CHUNK = 48 * 1024;
 
-/** mulberry32: a small seeded PRNG. */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+const prng = mulberry32;
 
 /**
  * Empties the kick eventfds before a restart, as a VMM that took its notifiers back while the

@@ -738,6 +738,17 @@ Deno.test("property: YAML files shaped like configurations", () => {
   assert.ok(seen.ok > 0 && seen.error > 0, JSON.stringify(seen));
 });
 
+Deno.test("--poll-us, --no-autotune, --max-buffer-memory", () => {
+  assert.equal(parseArgs([]).pollUs, undefined);
+  assert.equal(parseArgs(["--poll-us", "50"]).pollUs, 50);
+  assert.throws(() => parseArgs(["--poll-us", "20000"]), /out of range 0\.\.10000/);
+  assert.equal(parseArgs(["--no-autotune"]).noAutotune, true);
+  assert.equal(parseArgs(["--max-buffer-memory", "1048576"]).maxBufferMemory, 1048576);
+  for (const flag of ["--poll-us N", "--no-autotune", "--max-buffer-memory N", "--rx-weight"]) {
+    assert.ok(USAGE.includes(flag), flag);
+  }
+});
+
 Deno.test("--rx-weight PORT=N: repeatable, validated", () => {
   const cfg = parseArgs(["--rx-weight", "22=4", "--rx-weight", "80=2"]);
   assert.deepEqual(cfg.rxWeights, [[22, 4], [80, 2]]);

@@ -73,3 +73,24 @@ Deno.test("reactor: a throwing handler is logged and the loop goes on; wake() st
     r.close();
   }
 });
+
+Deno.test("reactor: with pollUs it keeps polling after activity instead of sleeping", () => {
+  const spins = (pollUs: number): number => {
+    const r = new Reactor();
+    try {
+      r.pollUs = pollUs;
+      let batches = 0;
+      r.onBatchEnd(() => batches++);
+      r.setTimer(5, () => {}); // activity at 5 ms
+      r.setTimer(40, () => r.stop());
+      r.run();
+      return batches;
+    } finally {
+      r.close();
+    }
+  };
+  const sleeping = spins(0);
+  const polling = spins(20_000);
+  assert.ok(sleeping <= 4, `without polling the loop slept: ${sleeping} batches`);
+  assert.ok(polling > 100, `with polling the loop kept asking epoll: ${polling} batches`);
+});

@@ -175,7 +175,10 @@ One VM (cannot be combined with --vm or --config):
   --fd FD                 inherited vhost-user socket, listening or connected; excludes --socket
                           (default: none)
   --uds-path PATH         Unix socket for host applications ("CONNECT <port>\\n"); guest
-                          connects to host port P go to PATH_P (default: /tmp/vm<guest-cid>.vsock)
+                          connects to host port P go to PATH_P (default: /tmp/vm<guest-cid>.vsock).
+                          Socket types: stream on PATH and PATH_P; seqpacket on PATH.seqpacket
+                          and PATH_P (SOCK_SEQPACKET); datagrams (--dgram) on PATH.dgram and
+                          PATH_P.dgram, each starting with a "<guest-port>\\n" line
   --tx-buffer-size BYTES  per-connection guest->host buffer, 1..4294967295 (default: 65536)
   --queue-size N          largest virtqueue, a power of 2 up to 32768 (default: 1024)
   --groups NAME[+NAME]    sibling groups: VMs sharing one reach each other (default: default)

@@ -9,9 +9,13 @@
  * 1. ping-pong alone: 64-byte round trips, host app A <-> guest echo, for a fixed time;
  * 2. bulk alone: host app B writes 64 KiB writes into 4 host->guest streams for a fixed time;
  *    aggregate MiB/s = bytes the guest received / (last EOF - start of writing);
- * 3. under load: 2 again, plus a host->guest datagram flood from app B (as fast as the back
+ * 3. with bulk: 2 and 1 at the same time (no flood), to tell the streams' effect from the
+ *    flood's;
+ * 4. under load: 2 again, plus a host->guest datagram flood from app B (as fast as the back
  *    end's datagram socket takes them), and 1 running at the same time from app A.
- * Targets (issue 9): p99 RTT under load <= 3x p99 alone; bulk under load >= 80 % of alone.
+ * Targets (issue 9): p99 RTT under load (4) <= 3x p99 alone (1); bulk under load (4) >= 80 % of
+ * bulk alone (2). Every phase also records the CPU wait (schedstat run delay) of the processes
+ * taking part, so CPU starvation is told apart from queueing in the back end.
  *
  * The guest serves everything in one loop (guest_driver_proc.ts `mix`), like one kernel; the
  * load comes from a second host process (host_app_proc.ts `load`) so the ping-pong's own
@@ -53,14 +57,24 @@ export interface BulkPhase {
   readonly dgramsSent: number;
   readonly dgramsReceived: number;
   readonly seconds: number;
+  /** CPU seconds of the load's host app (bulk writer and datagram sender) */
+  readonly senderCpu: number;
 }
 
-/** One round of the figure. */
+/** What one phase measured. */
+export interface FairPhase {
+  readonly ping?: PingPong;
+  readonly bulk?: BulkPhase;
+  /** seconds the back end, guest and host apps were runnable without a CPU, per second */
+  readonly cpuWaitPerS: number;
+}
+
+/** One round of the figure: the four phases. */
 export interface FairnessRound {
-  readonly pingAlone: PingPong;
-  readonly bulkAlone: BulkPhase;
-  readonly pingLoaded: PingPong;
-  readonly bulkLoaded: BulkPhase;
+  readonly pingAlone: FairPhase;
+  readonly bulkAlone: FairPhase;
+  readonly withBulk: FairPhase;
+  readonly loaded: FairPhase;
 }
 
 /** Runs one round of the figure through `rig`. */
@@ -69,10 +83,12 @@ export async function fairnessRound(
   rig: Rig,
   o: FairnessOptions,
 ): Promise<FairnessRound> {
-  const pingAlone = (await phase(runner, rig, o, { ping: true, bulk: false, flood: false })).ping!;
-  const bulkAlone = (await phase(runner, rig, o, { ping: false, bulk: true, flood: false })).bulk!;
-  const loaded = await phase(runner, rig, o, { ping: true, bulk: true, flood: true });
-  return { pingAlone, bulkAlone, pingLoaded: loaded.ping!, bulkLoaded: loaded.bulk! };
+  return {
+    pingAlone: await phase(runner, rig, o, { ping: true, bulk: false, flood: false }),
+    bulkAlone: await phase(runner, rig, o, { ping: false, bulk: true, flood: false }),
+    withBulk: await phase(runner, rig, o, { ping: true, bulk: true, flood: false }),
+    loaded: await phase(runner, rig, o, { ping: true, bulk: true, flood: true }),
+  };
 }
 
 async function phase(
@@ -80,7 +96,7 @@ async function phase(
   rig: Rig,
   o: FairnessOptions,
   what: { ping: boolean; bulk: boolean; flood: boolean },
-): Promise<{ ping?: PingPong; bulk?: BulkPhase }> {
+): Promise<FairPhase> {
   const stall = runner.opts.stallMs;
   const timeout = o.durationMs + stall;
   const echoPort = what.ping ? runner.newPort() : null;
@@ -97,6 +113,9 @@ async function phase(
     verify: o.guestVerify,
   });
   await mix.event("listening", stall);
+  const pids = [rig.backend.pid, rig.guest.pid, runner.hostA.pid, runner.hostB.pid];
+  const w0 = runner.waits(pids);
+  const t0 = performance.now();
   const b0 = procCpuSeconds(rig.backend.pid);
   let loadCall = null;
   if (what.bulk) {
@@ -129,13 +148,17 @@ async function phase(
     mix.done(timeout * 2),
   ]);
   const backendCpu = procCpuSeconds(rig.backend.pid) - b0;
+  const cpuWaitPerS = (runner.waits(pids) - w0) / ((performance.now() - t0) / 1000);
   const what_ = `${rig.name} fairness (${label})`;
   runner.noteAnomalies(rig.name, `fairness ${label}`, (guest.anomalies ?? []) as string[]);
-  const out: { ping?: PingPong; bulk?: BulkPhase } = {};
+  let out: FairPhase = { cpuWaitPerS };
   if (ping !== null) {
     runner.check(what_, Number(ping.mismatches) === 0, "echo mismatch");
     const rtts = Number(ping.iterations);
-    out.ping = { ...(ping as unknown as PingPong), backendCpuPerRtt: backendCpu / rtts };
+    out = {
+      ...out,
+      ping: { ...(ping as unknown as PingPong), backendCpuPerRtt: backendCpu / rtts },
+    };
   }
   if (load !== null) {
     const sinks = guest.sinks as Rec[];
@@ -154,91 +177,111 @@ async function phase(
     const total = sent.reduce((a, b) => a + b, 0);
     runner.check(what_, bytes === total, `sent ${total} bytes, the guest received ${bytes}`);
     const seconds = (tEnd - t0) / 1000;
-    out.bulk = {
+    const bulk: BulkPhase = {
       mibps: bytes / MiB / seconds,
       perStream,
       backendCpu,
       dgramsSent: Number(load.dgramsSent),
       dgramsReceived: Number(guest.datagrams),
       seconds,
+      senderCpu: Number(load.cpu),
     };
+    out = { ...out, bulk };
   }
   return out;
 }
 
-/** One line of the fairness table. */
+/** One line of the fairness table: a value per phase column (NaN: not measured there). */
 export interface FairnessRow {
   readonly key: string;
   readonly name: string;
-  readonly alone: number;
-  readonly loaded: number;
-  /** loaded / alone, with the target on it */
+  /** alone, with the bulk streams, with bulk streams and the datagram flood */
+  readonly values: readonly [number, number, number];
+  /** on (with flood) / alone */
   readonly target?: { op: "<=" | ">="; bound: number };
 }
 
 /** The figure's rows (medians over rounds). */
 export function fairnessRows(rounds: readonly FairnessRound[]): FairnessRow[] {
-  const m = (f: (r: FairnessRound) => number) => median(rounds.map(f));
-  const rate = (b: BulkPhase) => b.dgramsReceived / b.seconds;
+  const m = (f: (r: FairnessRound) => number | undefined) => median(rounds.map((r) => f(r) ?? NaN));
+  type Pick = (p: FairPhase) => number | undefined;
+  /** a figure of the ping-pong phases (alone, with bulk, with bulk + flood) */
+  const ping = (f: (p: PingPong) => number): [number, number, number] => {
+    const g: Pick = (p) => (p.ping === undefined ? undefined : f(p.ping));
+    return [m((r) => g(r.pingAlone)), m((r) => g(r.withBulk)), m((r) => g(r.loaded))];
+  };
+  /** a figure of the bulk phases (bulk alone, with ping-pong, with ping-pong + flood) */
+  const bulk = (f: (b: BulkPhase) => number): [number, number, number] => {
+    const g: Pick = (p) => (p.bulk === undefined ? undefined : f(p.bulk));
+    return [m((r) => g(r.bulkAlone)), m((r) => g(r.withBulk)), m((r) => g(r.loaded))];
+  };
+  const spread = (b: BulkPhase) => Math.min(...b.perStream) / Math.max(...b.perStream);
   return [
-    {
-      key: "fair_pingpong_p50",
-      name: "64 B ping-pong RTT p50 (us)",
-      alone: m((r) => r.pingAlone.p50),
-      loaded: m((r) => r.pingLoaded.p50),
-    },
+    { key: "fair_pingpong_p50", name: "64 B ping-pong RTT p50 (us)", values: ping((p) => p.p50) },
     {
       key: "fair_pingpong_p99",
       name: "64 B ping-pong RTT p99 (us)",
-      alone: m((r) => r.pingAlone.p99),
-      loaded: m((r) => r.pingLoaded.p99),
+      values: ping((p) => p.p99),
       target: { op: "<=", bound: 3 },
     },
+    { key: "fair_pingpong_rtts", name: "round trips measured", values: ping((p) => p.iterations) },
     {
-      key: "fair_pingpong_rtts",
-      name: "round trips measured",
-      alone: m((r) => r.pingAlone.iterations),
-      loaded: m((r) => r.pingLoaded.iterations),
+      key: "fair_pingpong_backend_cpu",
+      name: "back-end CPU per round trip (us, all its work)",
+      values: ping((p) => 1e6 * (p.backendCpuPerRtt ?? NaN)),
     },
     {
       key: "fair_bulk_throughput",
       name: `${FAIR_BULK_STREAMS} bulk host->guest streams together (MiB/s)`,
-      alone: m((r) => r.bulkAlone.mibps),
-      loaded: m((r) => r.bulkLoaded.mibps),
+      values: bulk((b) => b.mibps),
       target: { op: ">=", bound: 0.8 },
     },
-    {
-      key: "fair_bulk_slowest_share",
-      name: "slowest bulk stream / fastest",
-      alone: m((r) => Math.min(...r.bulkAlone.perStream) / Math.max(...r.bulkAlone.perStream)),
-      loaded: m((r) => Math.min(...r.bulkLoaded.perStream) / Math.max(...r.bulkLoaded.perStream)),
-    },
+    { key: "fair_bulk_spread", name: "slowest bulk stream / fastest", values: bulk(spread) },
     {
       key: "fair_dgrams_per_s",
       name: `datagrams (${FAIR_DGRAM_SIZE} B) delivered to the guest per s`,
-      alone: NaN,
-      loaded: m((r) => rate(r.bulkLoaded)),
+      values: [
+        NaN,
+        NaN,
+        m((r) => r.loaded.bulk && r.loaded.bulk.dgramsReceived / r.loaded.bulk.seconds),
+      ],
     },
     {
       key: "fair_dgrams_delivered",
       name: "datagrams delivered / sent by the host app",
-      alone: NaN,
-      loaded: m((r) => r.bulkLoaded.dgramsReceived / r.bulkLoaded.dgramsSent),
+      values: [
+        NaN,
+        NaN,
+        m((r) => r.loaded.bulk && r.loaded.bulk.dgramsReceived / r.loaded.bulk.dgramsSent),
+      ],
     },
     {
-      key: "fair_backend_cpu_share",
-      name: "back-end CPU during the bulk phase (CPU s / s)",
-      alone: m((r) => r.bulkAlone.backendCpu / r.bulkAlone.seconds),
-      loaded: m((r) => r.bulkLoaded.backendCpu / r.bulkLoaded.seconds),
+      key: "fair_backend_cpu",
+      name: "back-end CPU, bulk phases (CPU s per s)",
+      values: bulk((b) => b.backendCpu / b.seconds),
+    },
+    {
+      key: "fair_sender_cpu",
+      name: "load host app CPU, bulk phases (CPU s per s)",
+      values: bulk((b) => b.senderCpu / b.seconds),
+    },
+    {
+      key: "fair_cpu_wait",
+      name: "CPU wait of all processes, ping-pong phases (s per s)",
+      values: [
+        m((r) => r.pingAlone.cpuWaitPerS),
+        m((r) => r.withBulk.cpuWaitPerS),
+        m((r) => r.loaded.cpuWaitPerS),
+      ],
     },
   ];
 }
 
-/** The table cells: figure, alone, under load, loaded/alone, target. */
+/** The table cells: figure, the three columns, with flood / alone, target. */
 export function fairnessCells(rows: readonly FairnessRow[], targets: boolean): string[][] {
   return rows.map((r) => {
-    const q = r.loaded / r.alone;
-    const cells = [r.name, fmt(r.alone), fmt(r.loaded), Number.isFinite(q) ? `${fmt(q)}x` : "-"];
+    const q = r.values[2] / r.values[0];
+    const cells = [r.name, ...r.values.map(fmt), Number.isFinite(q) ? `${fmt(q)}x` : "-"];
     if (targets) {
       const t = r.target;
       const ok = t === undefined ? false : t.op === "<=" ? q <= t.bound : q >= t.bound;
@@ -250,6 +293,12 @@ export function fairnessCells(rows: readonly FairnessRow[], targets: boolean): s
 
 /** The table header matching `fairnessCells`. */
 export function fairnessHead(targets: boolean): string[] {
-  const h = ["fairness (ours, --dgram, crosvm profile)", "alone", "under load", "load/alone"];
+  const h = [
+    "fairness (ours, --dgram, crosvm profile)",
+    "alone",
+    "with bulk",
+    "with bulk + flood",
+    "flood/alone",
+  ];
   return targets ? [...h, "target"] : h;
 }

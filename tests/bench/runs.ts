@@ -154,7 +154,8 @@ export class Runner {
     return this.opts.durationMs + this.opts.stallMs;
   }
 
-  #waits(pids: number[]): number {
+  /** Seconds processes `pids` (and their descendants) were runnable without a CPU so far. */
+  waits(pids: number[]): number {
     let s = 0;
     for (const p of pids) s += procSchedSeconds(p).waiting;
     return s;
@@ -206,7 +207,7 @@ export class Runner {
       verify: this.opts.hostVerify,
     });
     await sinkCall.event("listening", this.opts.stallMs);
-    const w0 = this.#waits([hostA.pid, hostB.pid]);
+    const w0 = this.waits([hostA.pid, hostB.pid]);
     const srcCall = hostB.call("source", {
       path,
       hybridPort: null,
@@ -218,7 +219,7 @@ export class Runner {
       sinkCall.done(this.#timeout()),
     ]);
     const cpu = { backend: 0, guest: 0, host: num(snk, "cpu"), peer: num(src, "cpu") };
-    const wait = this.#waits([hostA.pid, hostB.pid]) - w0;
+    const wait = this.waits([hostA.pid, hostB.pid]) - w0;
     return this.#finish(`raw_${size}`, "raw", "raw", size, src, snk, cpu, null, wait);
   }
 
@@ -275,7 +276,7 @@ export class Runner {
     await sinkCall.event("listening", this.opts.stallMs);
     const pids = [rig.backend.pid, rig.guest.pid, this.hostA.pid];
     const b0 = procCpuSeconds(rig.backend.pid);
-    const w0 = this.#waits(pids);
+    const w0 = this.waits(pids);
     const srcCall = startSource();
     const [src, snk] = await Promise.all([
       srcCall.done(this.#timeout()),
@@ -288,7 +289,7 @@ export class Runner {
       host: num(hostSide, "cpu"),
       peer: 0,
     };
-    const wait = this.#waits(pids) - w0;
+    const wait = this.waits(pids) - w0;
     return this.#finish(key, rig.name, kind, size, src, snk, cpu, guestSide, wait);
   }
 

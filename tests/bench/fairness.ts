@@ -115,7 +115,7 @@ async function phase(
   await mix.event("listening", stall);
   const pids = [rig.backend.pid, rig.guest.pid, runner.hostA.pid, runner.hostB.pid];
   const w0 = runner.waits(pids);
-  const t0 = performance.now();
+  const wall0 = performance.now();
   const b0 = procCpuSeconds(rig.backend.pid);
   let loadCall = null;
   if (what.bulk) {
@@ -148,12 +148,12 @@ async function phase(
     mix.done(timeout * 2),
   ]);
   const backendCpu = procCpuSeconds(rig.backend.pid) - b0;
-  const cpuWaitPerS = (runner.waits(pids) - w0) / ((performance.now() - t0) / 1000);
-  const what_ = `${rig.name} fairness (${label})`;
+  const cpuWaitPerS = (runner.waits(pids) - w0) / ((performance.now() - wall0) / 1000);
+  const who = `${rig.name} fairness (${label})`;
   runner.noteAnomalies(rig.name, `fairness ${label}`, (guest.anomalies ?? []) as string[]);
   let out: FairPhase = { cpuWaitPerS };
   if (ping !== null) {
-    runner.check(what_, Number(ping.mismatches) === 0, "echo mismatch");
+    runner.check(who, Number(ping.mismatches) === 0, "echo mismatch");
     const rtts = Number(ping.iterations);
     out = {
       ...out,
@@ -167,15 +167,15 @@ async function phase(
     let bytes = 0;
     let tEnd = 0;
     const perStream: number[] = [];
-    sinks.forEach((s, i) => {
+    for (const s of sinks) {
       const got = Number(s.bytes);
       bytes += got;
       tEnd = Math.max(tEnd, Number(s.tEnd));
       perStream.push(got / MiB / ((Number(s.tEnd) - t0) / 1000));
-      if (Number(s.mismatches) !== 0) runner.check(what_, false, String(s.error));
-    });
+      if (Number(s.mismatches) !== 0) runner.check(who, false, String(s.error));
+    }
     const total = sent.reduce((a, b) => a + b, 0);
-    runner.check(what_, bytes === total, `sent ${total} bytes, the guest received ${bytes}`);
+    runner.check(who, bytes === total, `sent ${total} bytes, the guest received ${bytes}`);
     const seconds = (tEnd - t0) / 1000;
     const bulk: BulkPhase = {
       mibps: bytes / MiB / seconds,

@@ -45,9 +45,14 @@ function ownCpuSeconds(pid: number): number {
  * (A descendant that exits between two samples takes its seconds with it.)
  */
 export function procCpuSeconds(pid: number): number {
+  return sumOverTree(pid, ownCpuSeconds);
+}
+
+/** `own(p)` summed over `pid` and its live descendants; NaN if `pid` itself is gone. */
+function sumOverTree(pid: number, own: (p: number) => number): number {
   let sum = 0;
   for (const p of procTree(pid)) {
-    const s = ownCpuSeconds(p);
+    const s = own(p);
     if (p === pid && Number.isNaN(s)) return NaN;
     if (Number.isFinite(s)) sum += s;
   }
@@ -71,13 +76,7 @@ function ownRssBytes(pid: number): number {
  * counted once per process), in bytes; NaN if `pid` is gone.
  */
 export function procRssBytes(pid: number): number {
-  let sum = 0;
-  for (const p of procTree(pid)) {
-    const s = ownRssBytes(p);
-    if (p === pid && Number.isNaN(s)) return NaN;
-    if (Number.isFinite(s)) sum += s;
-  }
-  return sum;
+  return sumOverTree(pid, ownRssBytes);
 }
 
 /** Threads of process `pid` and its descendants with names and CPU seconds (for the report). */

@@ -111,6 +111,18 @@ export class MessageIo {
     }
   }
 
+  /**
+   * The sender's path bytes from the last `recv(..., withName)` (a view, valid until the
+   * next recv; empty for an unbound sender): for matching without building a string.
+   */
+  senderPathBytes(): Uint8Array {
+    const len = this.#msgView.getUint32(8, true);
+    if (len <= 2 || this.#name[0] !== AF_UNIX) return this.#name.subarray(0, 0);
+    let end = 2;
+    while (end < len && this.#name[end] !== 0) end++;
+    return this.#name.subarray(2, end);
+  }
+
   /** The sender's path from the last `recv(..., withName)`, or "" (unbound sender). */
   senderPath(): string {
     const len = this.#msgView.getUint32(8, true); // socklen_t msg_namelen

@@ -636,7 +636,8 @@ export class VsockConnection implements RxFlow {
     const first = chain.iovBytes;
     const src = this.ctx.rxChains;
     let extra = 0;
-    let credit = this.credit.peerFree() - first;
+    // Further chains within the guest's credit and this flow's DRR turn (rx_scheduler.ts).
+    let credit = Math.min(this.credit.peerFree(), this.deficit) - first;
     while (src !== null && credit > 0 && first === max && iovs < MAX_READ_IOV) {
       const c = src.take();
       if (c === null) break;
@@ -674,7 +675,9 @@ export class VsockConnection implements RxFlow {
       const c = EXTRA_CHAINS[filled];
       const ni = Math.min(left, EXTRA_CAPS[filled]);
       c.markWritten(VIRTIO_VSOCK_HDR_SIZE, ni);
-      src!.complete(c, this.#dataPacket(c, ni));
+      const pkt = this.#dataPacket(c, ni);
+      src!.complete(c, pkt);
+      this.deficit -= pkt; // the whole read is this flow's turn (the scheduler charges the first)
       left -= ni;
     }
     if (filled < extra) src!.giveBack(extra - filled);

@@ -18,12 +18,15 @@
  * Nothing is buffered without a bound: datagrams from the host wait in per-(host port,
  * guest port) flows of the RX scheduler (so a flood from one source cannot starve the
  * connections, see rx_scheduler.ts), each at most DGRAM_QUEUE_PACKETS / DGRAM_QUEUE_BYTES,
- * and at most DGRAM_MAX_FLOWS flows; what does not fit is dropped and counted. Toward the
- * host a datagram is sent with MSG_DONTWAIT: a full or absent host socket drops it, so the
- * guest's tx queue is never held up.
+ * and at most DGRAM_MAX_FLOWS flows. When a datagram meets a full flow it is dropped and
+ * counted, and reading pauses until the guest takes a datagram: the kernel's queue of the
+ * socket then fills and senders see EAGAIN (back-pressure), instead of the back end burning
+ * a CPU reading datagrams only to drop them. Toward the host a datagram is sent with
+ * MSG_DONTWAIT: a full or absent host socket drops it, so the guest's tx queue is never held
+ * up.
  */
 import { close, EAGAIN, EPOLLIN, MSG_DONTWAIT, sockaddrUn } from "../../ffi/mod.ts";
-import { bindUnixDgram, type MessageIo } from "../../ffi/mod.ts";
+import { bindUnixDgram, MessageIo } from "../../ffi/mod.ts";
 import { log, LogLimiter } from "../log.ts";
 import type { Reactor } from "../reactor.ts";
 import type { DescChain } from "../virtio/desc_chain.ts";
@@ -93,10 +96,13 @@ class DgramFlow implements RxFlow {
     return this.#queue.length > 0;
   }
 
+  /** Room for a datagram of `size` bytes. */
+  hasRoom(size: number): boolean {
+    return this.#queue.length < DGRAM_QUEUE_PACKETS && this.#bytes + size <= DGRAM_QUEUE_BYTES;
+  }
+
   push(d: Uint8Array): boolean {
-    if (this.#queue.length >= DGRAM_QUEUE_PACKETS || this.#bytes + d.length > DGRAM_QUEUE_BYTES) {
-      return false;
-    }
+    if (!this.hasRoom(d.length)) return false;
     this.#queue.push(d);
     this.#bytes += d.length;
     return true;
@@ -109,6 +115,7 @@ class DgramFlow implements RxFlow {
   fillRx(chain: DescChain): number {
     const d = this.#queue.shift()!;
     this.#bytes -= d.length;
+    this.ep.resume(); // room again: read the host socket
     if (d.length > chain.writableLen - VIRTIO_VSOCK_HDR_SIZE) {
       this.ep.dropped("toGuest", `a ${d.length}-byte datagram does not fit the guest's buffer`);
       return -1;
@@ -132,19 +139,25 @@ class DgramFlow implements RxFlow {
 
 export class DgramEndpoint {
   #fd = -1;
+  /** reading the host socket is paused (a full flow, or a driver without the feature) */
+  #paused = false;
+  /** receives host datagrams (its iovec 0 is #buf, set once); sending uses ctx.msgIo */
+  readonly #io = new MessageIo();
+  /** `<uds_path>_` and `.dgram`, the parts of a host app's path around its port */
+  readonly #hostPrefix: Uint8Array;
+  readonly #hostSuffix = new TextEncoder().encode(DGRAM_SUFFIX);
   readonly path: string;
   readonly #flows = new Map<number, DgramFlow>();
   readonly #buf = new Uint8Array(PORT_LINE_MAX + MAX_PKT_PAYLOAD);
   readonly #line = new Uint8Array(PORT_LINE_MAX);
   readonly #addrs = new Map<number, Uint8Array>();
-  readonly #hostPathRe: RegExp;
   readonly #dropLog = new LogLimiter("vsock: datagrams dropped", 5, 5000, "info");
   readonly stats: DgramStats = { toGuest: 0, toHost: 0, droppedToGuest: 0, droppedToHost: 0 };
 
   constructor(readonly ctx: DgramContext, readonly udsPath: string) {
     this.path = `${udsPath}${DGRAM_SUFFIX}`;
-    const escaped = udsPath.replace(/[.*+?^${}()|[\]\\]/g, "\\$&");
-    this.#hostPathRe = new RegExp(`^${escaped}_(\\d{1,10})\\.dgram$`);
+    this.#hostPrefix = new TextEncoder().encode(`${udsPath}_`);
+    this.#io.setIov(0, this.#buf);
   }
 
   /** Binds `<uds_path>.dgram` and starts reading host datagrams. */
@@ -172,41 +185,65 @@ export class DgramEndpoint {
     this.stats.toHost++;
   }
 
-  /** Reads what host apps sent, into the flows (bounded; the rest is dropped). */
+  /** Reads what host apps sent, into the flows (bounded; see the module doc). */
   #readHost(): void {
-    const io = this.ctx.msgIo;
-    for (let i = 0; i < DGRAM_READS_PER_WAKEUP; i++) {
-      io.setIov(0, this.#buf);
+    const io = this.#io;
+    for (let i = 0; i < DGRAM_READS_PER_WAKEUP && !this.#paused; i++) {
       const n = io.recv(this.#fd, 1, 0, true);
       if (n === -EAGAIN) return;
       if (n < 0) {
-        log.warn(`vsock: datagram socket ${this.path}: errno ${-n}`);
+        this.dropped("toGuest", `datagram socket ${this.path}: errno ${-n}`);
         return;
       }
       if (!this.ctx.dgramAcked) {
         this.dropped("toGuest", "the driver did not ack VIRTIO_VSOCK_F_DGRAM");
-        continue;
+        this.#pause();
+        return;
       }
-      const m = this.#hostPathRe.exec(io.senderPath());
-      if (m === null) {
+      const hostPort = this.#senderPort(io.senderPathBytes());
+      if (hostPort < 0) {
         this.dropped("toGuest", `a datagram from ${io.senderPath() || "an unbound socket"}`);
         continue;
       }
-      const hostPort = Number(m[1]);
       const nl = this.#buf.subarray(0, Math.min(n, PORT_LINE_MAX)).indexOf(10);
-      const guestPort = nl > 0 ? parsePort(this.#buf.subarray(0, nl)) : -1;
-      if (guestPort < 0 || hostPort > 0xffffffff) {
+      const guestPort = nl > 0 ? parsePort(this.#buf, 0, nl) : -1;
+      if (guestPort < 0) {
         this.dropped("toGuest", `a datagram without a "<guest-port>\\n" line`);
         continue;
       }
-      const payload = this.#buf.slice(nl + 1, n);
       const f = this.#flow(hostPort, guestPort);
-      if (f === null || !f.push(payload)) {
+      if (f === null || !f.hasRoom(n - nl - 1)) {
         this.dropped("toGuest", `queue full for guest port ${guestPort}`);
-        continue;
+        this.#pause(); // until the guest takes a datagram
+        return;
       }
+      f.push(this.#buf.slice(nl + 1, n));
       this.ctx.scheduleFlow(f);
     }
+  }
+
+  /** P from a sender path `<uds_path>_<P>.dgram`, or -1. Allocates nothing. */
+  #senderPort(path: Uint8Array): number {
+    const pre = this.#hostPrefix;
+    const suf = this.#hostSuffix;
+    const end = path.length - suf.length;
+    if (end <= pre.length) return -1;
+    for (let i = 0; i < pre.length; i++) if (path[i] !== pre[i]) return -1;
+    for (let i = 0; i < suf.length; i++) if (path[end + i] !== suf[i]) return -1;
+    return parsePort(path, pre.length, end);
+  }
+
+  #pause(): void {
+    if (this.#paused || this.#fd < 0) return;
+    this.#paused = true;
+    this.ctx.reactor.modifyFd(this.#fd, 0);
+  }
+
+  /** Reads the host socket again (a flow has room, or the driver acked the feature). */
+  resume(): void {
+    if (!this.#paused || this.#fd < 0) return;
+    this.#paused = false;
+    this.ctx.reactor.modifyFd(this.#fd, EPOLLIN);
   }
 
   #flow(hostPort: number, guestPort: number): DgramFlow | null {
@@ -273,11 +310,12 @@ export class DgramEndpoint {
   }
 }
 
-/** A decimal u32 from ASCII digits, or -1. */
-function parsePort(digits: Uint8Array): number {
-  if (digits.length === 0 || digits.length > 10) return -1;
+/** A decimal u32 from the ASCII digits bytes[from, to), or -1. */
+function parsePort(bytes: Uint8Array, from: number, to: number): number {
+  if (to <= from || to - from > 10) return -1;
   let v = 0;
-  for (const d of digits) {
+  for (let i = from; i < to; i++) {
+    const d = bytes[i];
     if (d < 48 || d > 57) return -1;
     v = v * 10 + (d - 48);
   }

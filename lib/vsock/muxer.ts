@@ -109,8 +109,17 @@ export class VsockMuxer implements ConnectionContext, DgramContext, SiblingEndpo
   #seqpacketHost: HostListener | null = null;
   /** datagrams, with `--dgram` */
   #dgram: DgramEndpoint | null = null;
+  #dgramAcked = false;
+
   /** the driver acked VIRTIO_VSOCK_F_DGRAM */
-  dgramAcked = false;
+  get dgramAcked(): boolean {
+    return this.#dgramAcked;
+  }
+
+  set dgramAcked(acked: boolean) {
+    this.#dgramAcked = acked;
+    if (acked) this.#dgram?.resume(); // reading paused while no driver took datagrams
+  }
   /** malformed packets seen */
   #badPackets = 0;
   readonly #eventLog = new LogLimiter("vsock: connection events", 50, 5000, "info");

@@ -13,8 +13,9 @@
  * overdraft is paid back in later rounds), then goes to the back. A flow with nothing
  * more to send leaves the queue and forgets its deficit. So a bulk flow and a flow of tiny
  * packets get the same bytes per round, whatever the guest's buffer sizes, and a flow
- * waits at most one round for its turn. The quantum is small (one Linux rx buffer) so a
- * waiting interactive flow gets a buffer after at most one buffer per other flow.
+ * waits at most one round for its turn: one quantum per other busy flow. A multi-buffer
+ * read (several rx chains filled by one readv) counts whole against the deficit, and a flow
+ * reads no further than its deficit allows (`RxFlow.deficit` is visible to it).
  *
  * Orphan RSTs go first, oldest first, from a bounded queue (MAX_PENDING_RESETS); when it is
  * full the device stops taking tx packets until the guest takes replies (back-pressure
@@ -31,8 +32,13 @@ import { MAX_PKT_PAYLOAD, VIRTIO_VSOCK_HDR_SIZE } from "./constants.ts";
 /** Standalone RSTs (for packets that match no connection) owed to the guest, at most. */
 export const MAX_PENDING_RESETS = 1024;
 
-/** Bytes a flow may send per round of weight 1: one Linux rx buffer (4 KiB of payload). */
-export const RX_QUANTUM = 4096 + VIRTIO_VSOCK_HDR_SIZE;
+/**
+ * Bytes a flow may send per round of weight 1: one maximal packet (64 KiB of payload). A
+ * stream fills up to this much of the guest's rx buffers with one read (see rx_batch.ts), so
+ * an interactive flow waits at most one quantum per busy flow, and a bulk flow still reads
+ * 64 KiB per system call into Linux's 4 KiB buffers.
+ */
+export const RX_QUANTUM = MAX_PKT_PAYLOAD + VIRTIO_VSOCK_HDR_SIZE;
 
 /** Rounds one buffer may go through while every flow pays back an overdraft. */
 const MAX_DEBT_ROUNDS = Math.ceil((MAX_PKT_PAYLOAD + VIRTIO_VSOCK_HDR_SIZE) / RX_QUANTUM) + 1;

@@ -38,6 +38,7 @@ export class MessageIo {
   readonly #msg = new BigUint64Array(7);
   readonly #msgBytes = new Uint8Array(this.#msg.buffer);
   readonly #msgView = new DataView(this.#msg.buffer);
+  readonly #msgWords = new Uint32Array(this.#msg.buffer);
   readonly #name = new Uint8Array(SOCKADDR_UN_SIZE);
   readonly #namePtr: bigint;
   readonly #iovPtr: bigint;
@@ -47,6 +48,19 @@ export class MessageIo {
   constructor() {
     this.#namePtr = ptr(this.#name);
     this.#iovPtr = ptr(this.iov);
+  }
+
+  /** Fills the msghdr: name, its length, the first `iovCount` iovecs, no control data. */
+  #prepare(name: bigint, nameLen: number, iovCount: number): void {
+    const m = this.#msg;
+    m[0] = name;
+    m[2] = this.#iovPtr;
+    const w = this.#msgWords; // the u64 counts as u32 halves: no BigInt per call
+    w[2] = nameLen;
+    w[3] = 0;
+    w[6] = iovCount;
+    w[7] = 0;
+    w.fill(0, 8, 14); // control pointer and length, msg_flags
   }
 
   /** Sets iovec `i` to `buf` (a whole typed array): for small control buffers. */
@@ -69,14 +83,7 @@ export class MessageIo {
    * socket.ts `sockaddrUn`) or the connected peer. Returns bytes sent or -errno (never SIGPIPE).
    */
   send(fd: number, iovCount: number, flags = 0, to: Uint8Array | null = null): number {
-    const m = this.#msg;
-    m[0] = to === null ? 0n : ptr(to);
-    m[1] = to === null ? 0n : BigInt(to.byteLength);
-    m[2] = this.#iovPtr;
-    m[3] = BigInt(iovCount);
-    m[4] = 0n;
-    m[5] = 0n;
-    m[6] = 0n;
+    this.#prepare(to === null ? 0n : ptr(to), to === null ? 0 : to.byteLength, iovCount);
     for (;;) {
       const n = sys.sendmsg(fd, this.#msgBytes, flags | MSG_NOSIGNAL);
       if (n >= 0) return n;
@@ -92,14 +99,7 @@ export class MessageIo {
    * msg_flags; with `withName` the sender's address is kept for `senderPath`.
    */
   recv(fd: number, iovCount: number, flags = 0, withName = false): number {
-    const m = this.#msg;
-    m[0] = withName ? this.#namePtr : 0n;
-    m[1] = withName ? BigInt(SOCKADDR_UN_SIZE) : 0n;
-    m[2] = this.#iovPtr;
-    m[3] = BigInt(iovCount);
-    m[4] = 0n;
-    m[5] = 0n;
-    m[6] = 0n;
+    this.#prepare(withName ? this.#namePtr : 0n, withName ? SOCKADDR_UN_SIZE : 0, iovCount);
     for (;;) {
       const n = sys.recvmsg(fd, this.#msgBytes, flags);
       if (n >= 0) {

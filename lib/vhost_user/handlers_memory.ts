@@ -77,7 +77,14 @@ function setMemTable(ctx: HandlerContext, msg: RawMessage, p: Payload): void {
   const wasActive = ctx.vrings.filter((v) => v.active);
   ctx.deactivateAll();
   ctx.memory.clear();
-  for (let i = 0; i < regions.length; i++) ctx.memory.add(regions[i], ctx.takeFd(msg, i));
+  try {
+    for (let i = 0; i < regions.length; i++) ctx.memory.add(regions[i], ctx.takeFd(msg, i));
+  } finally {
+    // Even when a region is refused: the rings' queues were built over mappings that are
+    // gone now; keeping them would let a later SET_VRING_ENABLE hand the device a queue
+    // over unmapped memory (a SIGSEGV, found by the front-end fuzzer).
+    ctx.rebuildQueues();
+  }
   if (requestLog.allow()) {
     log.info(
       `vhost-user: memory table: ${
@@ -85,7 +92,6 @@ function setMemTable(ctx: HandlerContext, msg: RawMessage, p: Payload): void {
       }`,
     );
   }
-  ctx.rebuildQueues();
   if (wasActive.length) log.debug(`vhost-user: ${wasActive.length} rings re-mapped`);
 }
 

@@ -15,7 +15,7 @@
  *   stack per batch, and the rest of the batch's signalling skipped). Now refused.
  */
 import assert from "node:assert/strict";
-import { close, pipe } from "../../ffi/mod.ts";
+import { close, memfdCreate, pipe } from "../../ffi/mod.ts";
 import {
   type BackendProcess,
   readExactly,
@@ -24,7 +24,13 @@ import {
   VSOCK_VQ_RX,
   VSOCK_VQ_TX,
 } from "../../lib/testing/mod.ts";
-import { decodeU64, encodeRequest, encodeU64 } from "../../lib/vhost_user/messages.ts";
+import {
+  decodeU64,
+  encodeMemoryTable,
+  encodeRequest,
+  encodeU64,
+  encodeVringState,
+} from "../../lib/vhost_user/messages.ts";
 import {
   VhostUserProtocolFeatureMask as PF,
   VhostUserRequest as R,
@@ -214,5 +220,37 @@ Deno.test({
         fe.close();
       }
     });
+  },
+});
+
+Deno.test({
+  name:
+    "a refused SET_MEM_TABLE leaves no ring over unmapped memory: enabling the rings afterwards does not crash the back end (found by the front-end fuzzer: SIGSEGV)",
+  ...TIMEOUT,
+  fn: async () => {
+    const vm = await startVm({ profile: "qemu", guest: { timeoutMs: 3000 } });
+    try {
+      // A region whose fd holds less than its size: refused, after the old table was unmapped.
+      const fd = memfdCreate("too-small", 4096);
+      const table = encodeMemoryTable({
+        regions: [{ guestAddr: 0, size: 1 << 20, userAddr: 0x7000_0000, mmapOffset: 0 }],
+      });
+      const ack = vm.frontEnd.request(R.SET_MEM_TABLE, table, [fd], { needReply: true });
+      close(fd);
+      assert.notEqual(ackValue(ack!), 0n, "the short fd is refused");
+      for (const q of [VSOCK_VQ_RX, VSOCK_VQ_TX]) {
+        vm.frontEnd.request(R.SET_VRING_ENABLE, encodeVringState({ index: q, num: 1 }), [], {
+          needReply: true,
+        });
+        vm.frontEnd.kick(q);
+      }
+      await settle(300);
+      // Still the same process, still answering.
+      const features = vm.frontEnd.request(R.GET_FEATURES, undefined, [], { expectReply: true });
+      assert.ok(features !== null && features !== undefined);
+      assert.doesNotMatch(vm.backend.stderr(), /died|SIGSEGV/);
+    } finally {
+      await vm.stop();
+    }
   },
 });

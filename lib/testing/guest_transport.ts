@@ -47,7 +47,7 @@ import {
   VIRTIO_VSOCK_TYPE_SEQPACKET,
   VIRTIO_VSOCK_TYPE_STREAM,
 } from "../vsock/constants.ts";
-import { PacketHeader } from "../vsock/packet.ts";
+import { PacketHeader, resetReplyFor } from "../vsock/packet.ts";
 import {
   type ConnDriver,
   type GuestCloseReason,
@@ -582,16 +582,7 @@ export class GuestTransport implements ConnDriver, DgramDriver {
   /** virtio_transport_reset_no_sock: RST back, unless the packet is an RST. */
   #resetNoSock(h: PacketHeader): void {
     if (h.op === VIRTIO_VSOCK_OP_RST) return;
-    const r = new PacketHeader();
-    r.srcCid = h.dstCid;
-    r.srcCidHi = h.dstCidHi;
-    r.dstCid = h.srcCid;
-    r.dstCidHi = h.srcCidHi;
-    r.srcPort = h.dstPort;
-    r.dstPort = h.srcPort;
-    r.type = h.type;
-    r.op = VIRTIO_VSOCK_OP_RST;
-    this.#queueControl(null, r);
+    this.#queueControl(null, resetReplyFor(h));
   }
 
   /** Ends every connection without packets (TRANSPORT_RESET, driver reset). */

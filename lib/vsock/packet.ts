@@ -35,6 +35,7 @@ import {
   typeName,
   VIRTIO_VSOCK_HDR_SIZE,
   VIRTIO_VSOCK_OP_MAX,
+  VIRTIO_VSOCK_OP_RST,
   VIRTIO_VSOCK_OP_RW,
 } from "./constants.ts";
 
@@ -177,6 +178,23 @@ export class HeaderScratch {
     this.h.encodeTo(this.view, 0);
     chain.writeFrom(this.bytes, 0);
   }
+}
+
+/**
+ * The RST answering `h` (a packet for no socket: Linux's virtio_transport_reset_no_sock):
+ * addresses swapped, same type, no credit.
+ */
+export function resetReplyFor(h: PacketHeader): PacketHeader {
+  const r = new PacketHeader();
+  r.srcCid = h.dstCid;
+  r.srcCidHi = h.dstCidHi;
+  r.dstCid = h.srcCid;
+  r.dstCidHi = h.srcCidHi;
+  r.srcPort = h.dstPort;
+  r.dstPort = h.srcPort;
+  r.type = h.type;
+  r.op = VIRTIO_VSOCK_OP_RST;
+  return r;
 }
 
 /** Header size re-exported for codec users. */

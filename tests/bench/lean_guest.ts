@@ -58,7 +58,7 @@ import {
   VSOCK_HOST_CID,
 } from "../../lib/vsock/constants.ts";
 import { Credit } from "../../lib/vsock/credit.ts";
-import { PacketHeader } from "../../lib/vsock/packet.ts";
+import { PacketHeader, resetReplyFor } from "../../lib/vsock/packet.ts";
 import { INLINE_MAX, LeanRings } from "./lean_rings.ts";
 import { PATTERN_PERIOD } from "./pattern.ts";
 
@@ -535,14 +535,7 @@ export class LeanGuest {
   /** virtio_transport_reset_no_sock: RST back, unless the packet is an RST. */
   #resetNoSock(h: PacketHeader): void {
     if (h.op === VIRTIO_VSOCK_OP_RST) return;
-    const r = new PacketHeader();
-    r.srcCid = h.dstCid;
-    r.dstCid = h.srcCid;
-    r.srcPort = h.dstPort;
-    r.dstPort = h.srcPort;
-    r.type = h.type;
-    r.op = VIRTIO_VSOCK_OP_RST;
-    this.#backlog.push({ conn: null, h: r });
+    this.#backlog.push({ conn: null, h: resetReplyFor(h) });
     this.#drainBacklog();
   }
 

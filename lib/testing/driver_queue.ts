@@ -265,6 +265,23 @@ export class DriverSplitQueue {
   }
 
   /**
+   * Reaps the used ring like Linux's virtqueue callbacks: callbacks off, pop every used
+   * element into `each`, callbacks on with a re-check (elements that slipped in meanwhile
+   * raised no notification: reap them too). Returns how many were reaped.
+   */
+  drainUsed(each: (head: number, len: number) => void): number {
+    let n = 0;
+    for (;;) {
+      this.disableCallbacks();
+      for (let u = this.popUsed(); u !== null; u = this.popUsed()) {
+        n++;
+        each(u.head, u.len);
+      }
+      if (!this.enableCallbacks()) return n;
+    }
+  }
+
+  /**
    * Suppresses used buffer notifications: sets VRING_AVAIL_F_NO_INTERRUPT, or
    * with EVENT_IDX moves used_event half the index space away from the next
    * used idx, where the device will not reach it soon.

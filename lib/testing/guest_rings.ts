@@ -240,26 +240,16 @@ export class GuestRings {
     }
   }
 
-  /** Drains a used ring like Linux: callbacks off, reap, callbacks on with a re-check. */
+  /** Drains a used ring (`DriverSplitQueue.drainUsed`); raw chains go to `ctx.rawUsed`. */
   #drain(index: number, each: (head: number, len: number) => void): number {
-    const q = this.queues[index];
     const raw = this.ctx.rawHeads[index];
-    let n = 0;
-    for (;;) {
-      q.disableCallbacks();
-      for (;;) {
-        const u = q.popUsed();
-        if (u === null) break;
-        n++;
-        if (raw.size > 0 && raw.delete(u.head)) {
-          this.ctx.rawUsed.push({ queue: index, head: u.head, len: u.len });
-          continue;
-        }
-        each(u.head, u.len);
+    return this.queues[index].drainUsed((head, len) => {
+      if (raw.size > 0 && raw.delete(head)) {
+        this.ctx.rawUsed.push({ queue: index, head, len });
+      } else {
+        each(head, len);
       }
-      if (!q.enableCallbacks()) break;
-    }
-    return n;
+    });
   }
 
   /** Takes back tx buffers the device used. */

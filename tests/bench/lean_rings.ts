@@ -267,21 +267,12 @@ export class LeanRings {
     }
   }
 
-  /** Drains a used ring like Linux: callbacks off, reap, callbacks on with a re-check. */
+  /** Drains a used ring (`DriverSplitQueue.drainUsed`), ignoring out-of-range heads. */
   #drain(index: number, each: (head: number, len: number) => void): number {
     const q = this.queues[index];
-    let n = 0;
-    for (;;) {
-      q.disableCallbacks();
-      for (;;) {
-        const u = q.popUsed();
-        if (u === null) break;
-        n++;
-        if (u.head < q.size) each(u.head, u.len);
-      }
-      if (!q.enableCallbacks()) break;
-    }
-    return n;
+    return q.drainUsed((head, len) => {
+      if (head < q.size) each(head, len);
+    });
   }
 
   /** One line per queue (for stall messages). */

@@ -42,6 +42,12 @@ export class MessageIo {
   readonly #name = new Uint8Array(SOCKADDR_UN_SIZE);
   readonly #namePtr: bigint;
   readonly #iovPtr: bigint;
+  /**
+   * The buffers `setIov` points at, kept alive here: an iovec holds only an address, so a
+   * buffer nobody else references (say `setIov(0, encoder.encode(line))`) could otherwise
+   * be collected and its memory reused while the iovec still points at it.
+   */
+  readonly #buffers: (Uint8Array | undefined)[] = new Array(MESSAGE_MAX_IOV).fill(undefined);
   /** msg_flags of the last `recv` (MSG_EOR, MSG_TRUNC) */
   flags = 0;
 
@@ -65,11 +71,15 @@ export class MessageIo {
 
   /** Sets iovec `i` to `buf` (a whole typed array): for small control buffers. */
   setIov(i: number, buf: Uint8Array, len = buf.byteLength): void {
+    this.#buffers[i] = buf;
     this.iov[2 * i] = len > 0 ? ptr(buf) : 0n;
     this.iov[2 * i + 1] = BigInt(len);
   }
 
-  /** Sets iovec `i` to (host address, len) without a BigInt (little-endian host). */
+  /**
+   * Sets iovec `i` to (host address, len) without a BigInt (little-endian host). The caller
+   * keeps the memory alive (guest memory, mapped for the device's life).
+   */
   setIovRaw(i: number, addr: number, len: number): void {
     const w = this.#iovWords;
     w[4 * i] = addr % 0x1_0000_0000;

@@ -189,3 +189,15 @@ Deno.test("pollFdsAsync waits on a helper thread while the event loop runs", asy
     ffi.close(efd);
   }
 });
+
+Deno.test("MessageIo keeps the buffers its iovecs point at alive (no use after free)", async () => {
+  const probe = new URL("./fixtures/message_io_gc_probe.ts", import.meta.url).pathname;
+  const out = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", "--v8-flags=--expose-gc", probe],
+    stdout: "piped",
+    stderr: "inherit",
+  }).output();
+  assert.ok(out.success, "the probe ran");
+  const r = JSON.parse(new TextDecoder().decode(out.stdout));
+  assert.deepEqual(r, { n: 4096, firstBad: -1 }, "the message carried the buffer's bytes");
+});

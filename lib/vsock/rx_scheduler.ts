@@ -17,6 +17,13 @@
  * read (several rx chains filled by one readv) counts whole against the deficit, and a flow
  * reads no further than its deficit allows (`RxFlow.deficit` is visible to it).
  *
+ * Sparse flows first (the "new flows" queue of FQ-CoDel, RFC 8290 section 4.1): a flow that
+ * arrives while in neither queue, such as an interactive connection with one 64-byte reply,
+ * is served before the round-robin flows, for at most one quantum; then it joins the back of
+ * the round robin (and an idle one leaves when its turn finds it idle). So its reply waits
+ * for no bulk flow's quantum, and since a flow can only be sparse again after it sat out a
+ * whole round, flows that wake up often cannot starve the others.
+ *
  * Orphan RSTs go first, oldest first, from a bounded queue (MAX_PENDING_RESETS); when it is
  * full the device stops taking tx packets until the guest takes replies (back-pressure
  * instead of memory).
@@ -69,110 +76,183 @@ export interface RxFlow {
   fillRx(chain: DescChain): number;
 }
 
+/** A queue of flows: an array with a moving head (no per-packet allocation). */
+class FlowQueue {
+  items: RxFlow[] = [];
+  head = 0;
+
+  get length(): number {
+    return this.items.length - this.head;
+  }
+
+  get first(): RxFlow {
+    return this.items[this.head];
+  }
+
+  push(f: RxFlow): void {
+    this.items.push(f);
+  }
+
+  shift(): RxFlow {
+    return this.items[this.head++];
+  }
+
+  /** Puts `f` back at the head. */
+  unshift(f: RxFlow): void {
+    if (this.head > 0) this.items[--this.head] = f;
+    else this.items.unshift(f);
+  }
+
+  /** Drops visited entries. */
+  compact(): void {
+    if (this.head >= this.items.length) {
+      this.items.length = 0;
+      this.head = 0;
+    } else if (this.head > 1024) {
+      this.items = this.items.slice(this.head);
+      this.head = 0;
+    }
+  }
+
+  /** Empties the queue, telling every flow it left. */
+  clear(): void {
+    for (let i = this.head; i < this.items.length; i++) this.items[i].inRxQueue = false;
+    this.items = [];
+    this.head = 0;
+  }
+}
+
 export class RxScheduler {
-  #flows: RxFlow[] = [];
-  #head = 0;
+  /** flows that arrived idle ("sparse"): served first, with one fresh quantum */
+  readonly #sparse = new FlowQueue();
+  /** flows that used their first quantum (or emptied): deficit round robin */
+  readonly #bulk = new FlowQueue();
   /** flows passed over for the buffer in hand, in queue order */
   readonly #passed: RxFlow[] = [];
   #orphans: OrphanReset[] = [];
   #orphanHead = 0;
 
-  /** Queues `f` (once) for RX. */
+  /**
+   * Queues `f` (once) for RX. A flow that was in neither queue arrived idle: it goes to the
+   * sparse queue with a fresh quantum.
+   */
   schedule(f: RxFlow): void {
     if (!f.inRxQueue) {
       f.inRxQueue = true;
-      this.#flows.push(f);
+      f.deficit = RX_QUANTUM * f.weight;
+      this.#sparse.push(f);
     }
   }
 
   /** Flows are waiting. */
   get hasFlows(): boolean {
-    return this.#head < this.#flows.length;
+    return this.#sparse.length > 0 || this.#bulk.length > 0;
   }
 
   /** Flows waiting. */
   get queuedFlows(): number {
-    return this.#flows.length - this.#head;
+    return this.#sparse.length + this.#bulk.length;
   }
 
   /**
-   * Fills `chain` from the flows by deficit round robin; returns the packet's length, or -1
-   * if no queued flow could use this buffer (each was visited once; all keep their place).
+   * Fills `chain` from the flows: sparse flows first, then deficit round robin over the
+   * others; returns the packet's length, or -1 if no queued flow could use this buffer (each
+   * was visited once; all keep their place).
    */
   fill(chain: DescChain): number {
     const room = chain.writableLen - VIRTIO_VSOCK_HDR_SIZE;
+    const len = this.#fillSparse(chain, room);
+    return len >= 0 ? len : this.#fillRoundRobin(chain, room);
+  }
+
+  /**
+   * Serves the sparse queue in order. A sparse flow that used up its quantum, or has
+   * nothing more to send, moves to the back of the round-robin queue (an emptied one is
+   * dropped there when its turn finds it idle): so a flow must stay idle for a whole round
+   * before it counts as sparse again, and flows that wake up often cannot starve the others.
+   */
+  #fillSparse(chain: DescChain, room: number): number {
+    const q = this.#sparse;
+    let len = -1;
+    for (let budget = q.length; budget > 0 && q.length > 0; budget--) {
+      const f = q.first;
+      if (f.done) {
+        this.#dequeue(q);
+        continue;
+      }
+      if (f.hasRxWork() && !f.canSendInto(room)) { // keeps its place and its deficit
+        this.#passed.push(q.shift());
+        continue;
+      }
+      if (f.hasRxWork()) {
+        len = f.fillRx(chain);
+        if (len > 0) f.deficit -= len;
+      }
+      if (f.done) this.#dequeue(q);
+      else if (len < 0 || f.deficit <= 0 || !f.hasRxWork()) this.#bulk.push(q.shift());
+      if (len >= 0) break;
+    }
+    this.#restorePassedOver(q);
+    return len;
+  }
+
+  /** Deficit round robin over the flows past their first quantum. */
+  #fillRoundRobin(chain: DescChain, room: number): number {
+    const q = this.#bulk;
     let len = -1;
     // One pass visits each queued flow once. A pass in which every flow was still paying
     // back an overdraft is a round without sends: DRR goes on to the next round (a flow's
     // debt is at most one packet, so this ends within MAX_PKT_PAYLOAD / RX_QUANTUM rounds).
     for (let rounds = 0; len < 0 && rounds <= MAX_DEBT_ROUNDS; rounds++) {
       let inDebt = 0;
-      for (let budget = this.queuedFlows; budget > 0 && this.hasFlows; budget--) {
-        const f = this.#flows[this.#head];
-        if (f.done) {
-          this.#dequeue();
+      for (let budget = q.length; budget > 0 && q.length > 0; budget--) {
+        const f = q.first;
+        if (f.done || !f.hasRxWork()) {
+          this.#dequeue(q);
           continue;
         }
         if (f.deficit <= 0) {
           f.deficit += RX_QUANTUM * f.weight;
           if (f.deficit <= 0) { // still paying back an overdraft: skip this round
-            this.#toBack();
+            q.push(q.shift());
             inDebt++;
             continue;
           }
         }
         if (!f.canSendInto(room)) { // keeps its place and its deficit
-          this.#head++;
-          f.inRxQueue = false;
-          this.#passed.push(f);
+          this.#passed.push(q.shift());
           continue;
         }
         len = f.fillRx(chain);
         if (len > 0) f.deficit -= len;
-        if (!f.hasRxWork() || f.done) this.#dequeue();
-        else if (f.deficit <= 0 || len < 0) this.#toBack();
+        if (!f.hasRxWork() || f.done) this.#dequeue(q);
+        else if (f.deficit <= 0 || len < 0) q.push(q.shift());
         if (len >= 0) break;
       }
-      this.#restorePassedOver();
+      this.#restorePassedOver(q);
       if (inDebt === 0) break;
     }
     return len;
   }
 
-  /** Takes the head flow off the queue (it forgets its deficit). */
-  #dequeue(): void {
-    const f = this.#flows[this.#head++];
+  /** Takes the head flow off `q` (it forgets its deficit). */
+  #dequeue(q: FlowQueue): void {
+    const f = q.shift();
     f.inRxQueue = false;
     f.deficit = 0;
   }
 
-  /** Moves the head flow to the back of the queue. */
-  #toBack(): void {
-    this.#flows.push(this.#flows[this.#head++]);
-  }
-
-  /** Puts the flows passed over back at the head of the queue, in their order. */
-  #restorePassedOver(): void {
+  /** Puts the flows passed over back at the head of `q`, in their order. */
+  #restorePassedOver(q: FlowQueue): void {
     const passed = this.#passed;
-    for (let i = passed.length - 1; i >= 0; i--) {
-      const f = passed[i];
-      if (f.inRxQueue) continue; // re-queued meanwhile
-      f.inRxQueue = true;
-      if (this.#head > 0) this.#flows[--this.#head] = f;
-      else this.#flows.unshift(f);
-    }
+    for (let i = passed.length - 1; i >= 0; i--) q.unshift(passed[i]);
     passed.length = 0;
   }
 
   /** Drops visited entries (call after an rx pass). */
   compact(): void {
-    if (this.#head >= this.#flows.length) {
-      this.#flows.length = 0;
-      this.#head = 0;
-    } else if (this.#head > 1024) {
-      this.#flows = this.#flows.slice(this.#head);
-      this.#head = 0;
-    }
+    this.#sparse.compact();
+    this.#bulk.compact();
   }
 
   /** Orphan RSTs owed. */
@@ -212,9 +292,8 @@ export class RxScheduler {
 
   /** Forgets everything (device reset). */
   clear(): void {
-    for (let i = this.#head; i < this.#flows.length; i++) this.#flows[i].inRxQueue = false;
-    this.#flows = [];
-    this.#head = 0;
+    this.#sparse.clear();
+    this.#bulk.clear();
     this.#passed.length = 0;
     this.clearOrphans();
   }

@@ -132,3 +132,41 @@ Deno.test("DRR: when every flow is paying back an overdraft, rounds go on until 
   assert.equal(flows[0].packets + flows[1].packets, 100);
   assert.ok(Math.abs(flows[0].packets - flows[1].packets) <= 1);
 });
+
+Deno.test("DRR: a flow that arrives idle is served before the busy flows (sparse flow first)", () => {
+  const s = new RxScheduler();
+  const bulks = [1, 2, 3, 4].map((i) => new FakeFlow(`bulk${i}`, 4096));
+  for (const b of bulks) s.schedule(b);
+  const buf = buffer(4096 + VIRTIO_VSOCK_HDR_SIZE);
+  // Past every bulk flow's first quantum, somewhere in the middle of a round.
+  for (let i = 0; i < 4 * 16 + 37; i++) s.fill(buf);
+  const ping = new FakeFlow("ping", 64, 1);
+  s.schedule(ping);
+  s.fill(buf);
+  assert.equal(ping.packets, 1, "the ping's packet went into the very next buffer");
+});
+
+Deno.test("DRR: a flow that wakes up after every packet cannot starve a busy flow", () => {
+  const s = new RxScheduler();
+  const bulk = new FakeFlow("bulk", 4096);
+  /** Never gone: between its packets it is merely idle. */
+  class ChattyFlow extends FakeFlow {
+    override get done(): boolean {
+      return false;
+    }
+  }
+  const chatty = new ChattyFlow("chatty", 4096, 1);
+  s.schedule(bulk);
+  s.schedule(chatty);
+  const buf = buffer(4096 + VIRTIO_VSOCK_HDR_SIZE);
+  for (let i = 0; i < 4000; i++) {
+    s.fill(buf);
+    // Each time it is served it has one more packet at once: it never stays idle a round.
+    if (chatty.left === 0) chatty.left = 1;
+    s.schedule(chatty);
+  }
+  // It has one packet at a time, so it is not owed a full quantum per round; what matters is
+  // that its wake-ups never put it ahead of the busy flow every time (which would starve it).
+  const share = bulk.sent / (bulk.sent + chatty.sent);
+  assert.ok(share >= 0.5, `the busy flow got ${(100 * share).toFixed(0)} % of the buffers`);
+});

@@ -19,7 +19,8 @@
  * guest port) flows of the RX scheduler (so a flood from one source cannot starve the
  * connections, see rx_scheduler.ts), each at most DGRAM_QUEUE_PACKETS / DGRAM_QUEUE_BYTES,
  * and at most DGRAM_MAX_FLOWS flows. When a datagram meets a full flow it is dropped and
- * counted, and reading pauses until the guest takes a datagram: the kernel's queue of the
+ * counted, and reading pauses until the guest has taken half of that flow's datagrams
+ * (DGRAM_RESUME_PACKETS / DGRAM_RESUME_BYTES): the kernel's queue of the
  * socket then fills and senders see EAGAIN (back-pressure), instead of the back end burning
  * a CPU reading datagrams only to drop them. Toward the host a datagram is sent with
  * MSG_DONTWAIT: a full or absent host socket drops it, so the guest's tx queue is never held
@@ -46,6 +47,10 @@ export const DGRAM_SUFFIX = ".dgram";
 export const DGRAM_QUEUE_PACKETS = 64;
 /** Payload bytes one flow may hold for the guest. */
 export const DGRAM_QUEUE_BYTES = 256 * 1024;
+/** A paused endpoint reads again when a flow is down to this many datagrams ... */
+export const DGRAM_RESUME_PACKETS = DGRAM_QUEUE_PACKETS / 2;
+/** ... and this many bytes. */
+export const DGRAM_RESUME_BYTES = DGRAM_QUEUE_BYTES / 2;
 /** Flows (host port, guest port) at once; datagrams of further sources are dropped. */
 export const DGRAM_MAX_FLOWS = 256;
 /** Datagrams read from the host socket per wakeup (then other fds get their turn). */
@@ -115,7 +120,12 @@ class DgramFlow implements RxFlow {
   fillRx(chain: DescChain): number {
     const d = this.#queue.shift()!;
     this.#bytes -= d.length;
-    this.ep.resume(); // room again: read the host socket
+    // Read the host socket again once the flow has drained to half: one pause/resume
+    // cycle then carries many datagrams, not one (each cycle costs two epoll_ctl calls and,
+    // under a flood, one datagram read only to be dropped).
+    if (this.#queue.length <= DGRAM_RESUME_PACKETS && this.#bytes <= DGRAM_RESUME_BYTES) {
+      this.ep.resume();
+    }
     if (d.length > chain.writableLen - VIRTIO_VSOCK_HDR_SIZE) {
       this.ep.dropped("toGuest", `a ${d.length}-byte datagram does not fit the guest's buffer`);
       return -1;

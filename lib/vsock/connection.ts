@@ -637,8 +637,9 @@ export class VsockConnection implements RxFlow {
     const src = this.ctx.rxChains;
     let extra = 0;
     // Further chains within the guest's credit and this flow's DRR turn (rx_scheduler.ts).
-    let credit = Math.min(this.credit.peerFree(), this.deficit) - first;
-    while (src !== null && credit > 0 && first === max && iovs < MAX_READ_IOV) {
+    let credit = this.credit.peerFree() - first;
+    let turn = this.deficit - chain.writableLen; // the scheduler charges whole buffers
+    while (src !== null && credit > 0 && turn > 0 && first === max && iovs < MAX_READ_IOV) {
       const c = src.take();
       if (c === null) break;
       const want = Math.min(c.writableLen - VIRTIO_VSOCK_HDR_SIZE, credit, MAX_PKT_PAYLOAD);
@@ -652,6 +653,7 @@ export class VsockConnection implements RxFlow {
       extra++;
       iovs += k;
       credit -= c.iovBytes;
+      turn -= c.writableLen;
     }
     const n = readvRaw(this.hostFd, iov, iovs);
     if (n <= 0) {
@@ -677,7 +679,7 @@ export class VsockConnection implements RxFlow {
       c.markWritten(VIRTIO_VSOCK_HDR_SIZE, ni);
       const pkt = this.#dataPacket(c, ni);
       src!.complete(c, pkt);
-      this.deficit -= pkt; // the whole read is this flow's turn (the scheduler charges the first)
+      this.deficit -= c.writableLen; // the whole read is this flow's turn (the scheduler charges the first)
       left -= ni;
     }
     if (filled < extra) src!.giveBack(extra - filled);

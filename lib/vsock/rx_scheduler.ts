@@ -11,10 +11,13 @@
  * the queue gets RX_QUANTUM bytes (times its weight, `--rx-weight`) each time it reaches
  * the head, sends packets while its deficit is positive (a packet may overdraw it; the
  * overdraft is paid back in later rounds), then goes to the back. A flow with nothing
- * more to send leaves the queue and forgets its deficit. So a bulk flow and a flow of tiny
- * packets get the same bytes per round, whatever the guest's buffer sizes, and a flow
- * waits at most one round for its turn: one quantum per other busy flow. A multi-buffer
- * read (several rx chains filled by one readv) counts whole against the deficit, and a flow
+ * more to send leaves the queue and forgets its deficit. What a packet costs is the rx
+ * buffer it takes, whole (`writableLen`), not the bytes it carries: the scarce resource is
+ * the guest's rx queue, and a packet takes a whole buffer however short it is (a 1 KiB
+ * datagram uses up one of Linux's 4 KiB buffers). So a flood of small datagrams gets the
+ * same share of the rx queue as a bulk stream, not four times its share. A flow waits at
+ * most one round for its turn: one quantum per other busy flow. A multi-buffer read
+ * (several rx chains filled by one readv) counts whole against the deficit, and a flow
  * reads no further than its deficit allows (`RxFlow.deficit` is visible to it).
  *
  * Sparse flows first (the "new flows" queue of FQ-CoDel, RFC 8290 section 4.1): a flow that
@@ -186,7 +189,7 @@ export class RxScheduler {
       }
       if (f.hasRxWork()) {
         len = f.fillRx(chain);
-        if (len > 0) f.deficit -= len;
+        if (len > 0) f.deficit -= chain.writableLen;
       }
       if (f.done) this.#dequeue(q);
       else if (len < 0 || f.deficit <= 0 || !f.hasRxWork()) this.#bulk.push(q.shift());
@@ -224,7 +227,7 @@ export class RxScheduler {
           continue;
         }
         len = f.fillRx(chain);
-        if (len > 0) f.deficit -= len;
+        if (len > 0) f.deficit -= chain.writableLen;
         if (!f.hasRxWork() || f.done) this.#dequeue(q);
         else if (f.deficit <= 0 || len < 0) q.push(q.shift());
         if (len >= 0) break;

@@ -67,6 +67,13 @@ export type { VsockDeviceOptions } from "./muxer.ts";
 
 /** Chains handled per queue visit before yielding to other fds. */
 const MAX_CHAINS_PER_VISIT = 1024;
+/**
+ * Rx chains filled between two publications of the used ring within one visit: the driver
+ * can take the first packets (an interactive flow's reply goes first, rx_scheduler.ts)
+ * while the device is still filling the rest, instead of after up to MAX_CHAINS_PER_VISIT.
+ * With EVENT_IDX a publication interrupts the driver only when it asked to be (used_event).
+ */
+const RX_PUBLISH_CHAINS = 32;
 
 export class VsockDevice implements VirtioDevice {
   readonly name: string;
@@ -290,6 +297,7 @@ export class VsockDevice implements VirtioDevice {
     const chain = this.#rxChain;
     const muxer = this.muxer;
     let produced = 0;
+    let unpublished = 0;
     while (muxer.hasRxWork()) {
       if (produced >= MAX_CHAINS_PER_VISIT) {
         this.#rxNeedsRun = true;
@@ -323,6 +331,18 @@ export class VsockDevice implements VirtioDevice {
       this.#rxSignal = true;
       this.stats.rxPackets += 1 + more;
       produced += 1 + more;
+      unpublished += 1 + more;
+      if (unpublished >= RX_PUBLISH_CHAINS) {
+        unpublished = 0;
+        this.#publish(q, rx.notifier);
+        // A long rx visit (up to a ring's worth of bulk data) must not hold up what the
+        // driver sent meanwhile, such as an interactive flow's reply: take the tx ring now.
+        const tx = this.#tx;
+        if (tx !== null && !this.#txBlocked && !tx.queue.isEmpty()) {
+          this.#processTx();
+          this.#signal();
+        }
+      }
     }
     muxer.scheduler.compact();
     this.#reportBroken(q, "rx");

@@ -59,6 +59,11 @@ export interface GuestBootOptions {
   machine?: "q35" | "pc";
   /** Appended to the kernel command line. */
   kernelArgs?: string;
+  /**
+   * Properties appended to the `vhost-user-vsock-pci` device, e.g. "packed=on" (QEMU then
+   * offers VIRTIO_F_RING_PACKED through to the back end).
+   */
+  vsockDeviceProps?: string;
   /** Extra QEMU arguments (appended). */
   qemuArgs?: string[];
   /** QEMU binary (default qemu-system-x86_64 from PATH). */
@@ -240,7 +245,10 @@ export class GuestVM {
         ...["-object", `memory-backend-memfd,id=mem,size=${memMiB}M,share=on`],
         ...["-numa", "node,memdev=mem"],
         ...["-chardev", `socket,id=vhu,path=${opts.vhostSocket}`],
-        ...["-device", "vhost-user-vsock-pci,chardev=vhu"],
+        ...[
+          "-device",
+          ["vhost-user-vsock-pci,chardev=vhu", opts.vsockDeviceProps].filter((p) => p).join(","),
+        ],
       );
     }
     args.push(...(opts.qemuArgs ?? []));

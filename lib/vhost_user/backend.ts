@@ -46,7 +46,8 @@ import {
 import { Acceptor } from "../acceptor.ts";
 import { log, LogLimiter } from "../log.ts";
 import type { Reactor } from "../reactor.ts";
-import { QueueError, SplitQueue } from "../virtio/split_queue.ts";
+import { SplitQueue } from "../virtio/split_queue.ts";
+import { QueueError } from "../virtio/virtqueue.ts";
 import {
   VIRTIO_F_NOTIFY_ON_EMPTY_MASK,
   VIRTIO_RING_F_EVENT_IDX_MASK,
@@ -463,7 +464,7 @@ export class VhostUserBackend {
   #stopRing(v: Vring): number {
     this.#deactivate(v);
     v.started = false;
-    const base = v.queue !== null ? v.queue.lastAvail : v.base;
+    const base = v.queue !== null ? v.queue.ringBase : v.base;
     v.base = base;
     v.queue = null;
     if (v.kickFd >= 0) {
@@ -491,7 +492,7 @@ export class VhostUserBackend {
     }
   }
 
-  /** (Re)creates the ring's SplitQueue from its addresses, then updates activity. */
+  /** (Re)creates the ring's queue from its addresses, then updates activity. */
   #rebuildQueue(v: Vring): void {
     if (!v.started) return;
     const prev = v.queue;
@@ -515,8 +516,9 @@ export class VhostUserBackend {
         indirect: (f & VIRTIO_RING_F_INDIRECT_DESC_MASK) !== 0n,
         notifyOnEmpty: (f & VIRTIO_F_NOTIFY_ON_EMPTY_MASK) !== 0n,
       });
-      q.lastAvail = prev !== null ? prev.lastAvail : v.base;
-      if (prev !== null) q.usedIdx = prev.usedIdx;
+      q.ringBase = prev !== null ? prev.ringBase : v.base;
+      // Pushed used entries survive a rebuild (the ring's memory is the same guest RAM).
+      if (prev instanceof SplitQueue) q.usedIdx = prev.usedIdx;
       v.queue = q;
     } catch (e) {
       if (requestLog.allow()) {
@@ -537,7 +539,7 @@ export class VhostUserBackend {
       v.active = true;
       if (log.debugOn) {
         log.debug(
-          `vhost-user: vring ${v.index} active (size ${v.num}, base ${v.queue!.lastAvail})`,
+          `vhost-user: vring ${v.index} active (size ${v.num}, base ${v.queue!.ringBase})`,
         );
       }
       this.device.queueActive({ index: v.index, queue: v.queue!, notifier: v });

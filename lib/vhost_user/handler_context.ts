@@ -90,7 +90,7 @@ export interface HandlerContext {
   startRing(v: Vring): void;
   /** GET_VRING_BASE: stops the ring; returns the next avail index to process. */
   stopRing(v: Vring): number;
-  /** (Re)creates a started ring's SplitQueue from its addresses. */
+  /** (Re)creates a started ring's queue (split or packed) from its addresses. */
   rebuildQueue(v: Vring): void;
   /** Rebuilds every started ring (memory or features changed). */
   rebuildQueues(): void;

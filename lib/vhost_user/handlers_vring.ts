@@ -79,7 +79,7 @@ export const VRING_HANDLERS: ReadonlyMap<number, Handler> = new Map<number, Hand
     const v = ctx.vring(index);
     v.base = num & 0xffff;
     if (v.stoppedAt !== null && v.stoppedAt !== v.base) ctx.session.driverResetSuspected = true;
-    if (v.queue !== null) v.queue.lastAvail = v.base;
+    if (v.queue !== null) v.queue.ringBase = v.base;
     return false;
   }],
   [R.GET_VRING_BASE, (ctx, msg, p) => {

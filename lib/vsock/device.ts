@@ -36,7 +36,7 @@ import {
   VIRTIO_RING_F_EVENT_IDX_MASK,
   VIRTIO_RING_F_INDIRECT_DESC_MASK,
 } from "../virtio/features.ts";
-import { POP_EMPTY, POP_INVALID, type SplitQueue } from "../virtio/split_queue.ts";
+import { POP_EMPTY, POP_INVALID, type VirtQueue } from "../virtio/virtqueue.ts";
 import type {
   ActiveQueue,
   QueueNotifier,
@@ -90,7 +90,7 @@ export class VsockDevice implements VirtioDevice {
   #rxSignal = false;
   #txSignal = false;
   /** queues already reported broken */
-  readonly #brokenReported = new WeakSet<SplitQueue>();
+  readonly #brokenReported = new WeakSet<VirtQueue>();
   readonly #badChainLog = new LogLimiter("vsock: invalid descriptor chains");
   readonly #brokenLog = new LogLimiter("vsock: broken queues", 5, 5000, "error");
   /** TX stopped because too many replies are owed; RX draining resumes it */
@@ -209,7 +209,7 @@ export class VsockDevice implements VirtioDevice {
     }
   }
 
-  #publish(q: SplitQueue, n: QueueNotifier): void {
+  #publish(q: VirtQueue, n: QueueNotifier): void {
     q.publishUsed();
     if (q.needsNotification()) n.notify();
   }
@@ -263,7 +263,7 @@ export class VsockDevice implements VirtioDevice {
   }
 
   /** Logs once per queue that the guest corrupted it (it then yields nothing until reset). */
-  #reportBroken(q: SplitQueue, which: string): void {
+  #reportBroken(q: VirtQueue, which: string): void {
     if (q.broken === null || this.#brokenReported.has(q)) return;
     this.#brokenReported.add(q);
     // A front end rebuilds rings at will (each rebuild is a new queue): limit the rate too.
@@ -271,7 +271,7 @@ export class VsockDevice implements VirtioDevice {
   }
 
   /** Returns an invalid chain with used len 0; the caller publishes it (`#txSignal` etc.). */
-  #badChain(q: SplitQueue, head: number, which: string, why: string): void {
+  #badChain(q: VirtQueue, head: number, which: string, why: string): void {
     this.stats.badChains++;
     if (this.#badChainLog.allow()) {
       log.warn(`vsock: invalid ${which} descriptor chain (head ${head}): ${why}`);

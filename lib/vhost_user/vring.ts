@@ -24,7 +24,11 @@ export class Vring implements QueueNotifier {
   addrFlags = 0;
   logGuestAddr = 0n;
   hasAddr = false;
-  /** SET_VRING_BASE: next avail index to process */
+  /**
+   * SET_VRING_BASE: where the ring starts (`VirtQueue.ringBase`): the next avail index of a
+   * split ring; of a packed ring, its avail and used positions with their wrap counters
+   * (bits 0-14, 15, 16-30, 31: packed_layout.ts `packedRingBase`)
+   */
   base = 0;
   kickFd = -1;
   callFd = -1;

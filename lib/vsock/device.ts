@@ -32,6 +32,7 @@ import { DescChain } from "../virtio/desc_chain.ts";
 import {
   featureMask,
   VIRTIO_F_NOTIFY_ON_EMPTY_MASK,
+  VIRTIO_F_RING_PACKED_MASK,
   VIRTIO_F_VERSION_1_MASK,
   VIRTIO_RING_F_EVENT_IDX_MASK,
   VIRTIO_RING_F_INDIRECT_DESC_MASK,
@@ -102,8 +103,9 @@ export class VsockDevice implements VirtioDevice {
   constructor(readonly options: VsockDeviceOptions) {
     this.name = `vsock(cid ${options.guestCid})`;
     // Streams and seqpacket always; datagrams (not in the virtio spec) only when asked for.
+    // Split or packed rings (VIRTIO_F_RING_PACKED: QEMU's `packed=on`), as the driver acks.
     this.features = VIRTIO_F_VERSION_1_MASK | VIRTIO_RING_F_EVENT_IDX_MASK |
-      VIRTIO_RING_F_INDIRECT_DESC_MASK | VIRTIO_F_NOTIFY_ON_EMPTY_MASK |
+      VIRTIO_RING_F_INDIRECT_DESC_MASK | VIRTIO_F_NOTIFY_ON_EMPTY_MASK | VIRTIO_F_RING_PACKED_MASK |
       featureMask(VIRTIO_VSOCK_F_STREAM) | featureMask(VIRTIO_VSOCK_F_SEQPACKET) |
       (options.datagrams ? featureMask(VIRTIO_VSOCK_F_DGRAM) : 0n);
     this.maxQueueSize = options.queueSize;

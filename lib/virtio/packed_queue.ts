@@ -15,9 +15,9 @@
  * Everything the guest wrote is untrusted. `pop` walks a whole chain before
  * anything uses it and stores it as in-bounds segments in a `DescChain`:
  * - every descriptor of the chain must be available (the driver writes the first
- *   one's flags last); a chain that runs into one that is not (one longer than
- *   the ring, or published before its end) has no buffer id to be returned by:
- *   the queue is marked `broken`;
+ *   one's flags last), and a chain may not be longer than the ring; a chain that
+ *   runs into a descriptor that is not available, or past `size` descriptors, has
+ *   no buffer id to be returned by: the queue is marked `broken`;
  * - the buffer id must be below the queue size and not already in flight, else
  *   the driver lost track of its buffers: `broken`;
  * - every byte of every buffer must lie in guest memory (a buffer that crosses
@@ -339,16 +339,18 @@ export class PackedQueue implements VirtQueue {
     for (;; n++) {
       if (err === null) err = this.#addDescriptor(chain, idx, flags, n);
       if ((flags & VIRTQ_DESC_F_NEXT) === 0) break;
+      if (n === size) {
+        return this.#break(`chain at descriptor ${start} is longer than the ring (${size})`);
+      }
       if (++idx === size) {
         idx = 0;
         wrap ^= 1;
       }
       flags = dv.getUint16(base + idx * PACKED_DESC_SIZE + PACKED_DESC_FLAGS, true);
-      // Back at `start` after `size` descriptors, the wrap counter has flipped: never available.
       if (!isAvailable(flags, wrap)) {
         return this.#break(
           `chain at descriptor ${start} runs into descriptor ${idx}, which is not available ` +
-            `(a chain longer than the ring, or made available before its end)`,
+            `(the chain was made available before its end)`,
         );
       }
     }

@@ -64,6 +64,8 @@ export class DescChain {
   /** The memory the segments refer to (set by `reset`). */
   mem: GuestMemory | null = null;
 
+  /** while a queue builds the chain: a writable buffer was appended */
+  #seenWritable = false;
   #iovWords: Uint32Array | null = null;
   #iovSource: BigUint64Array | null = null;
 
@@ -87,16 +89,27 @@ export class DescChain {
     this.readableLen = 0;
     this.writableLen = 0;
     this.descCount = 0;
+    this.#seenWritable = false;
+  }
+
+  /** Drops the segments of a chain that failed validation (`head` and `descCount` stay). */
+  invalidate(): void {
+    this.count = 0;
+    this.readableCount = 0;
+    this.readableLen = 0;
+    this.writableLen = 0;
   }
 
   /**
    * Appends one descriptor's buffer (address as u32 halves, length) as segments,
    * split where it crosses from one memory region into the next. Returns null, or
    * why the buffer is invalid (outside guest memory, the chain over 2^32 - 1 bytes
-   * or over `capacity` segments). Readable buffers must all come before the first
-   * writable one: the queue's walk checks that order.
+   * or over `capacity` segments, a readable buffer after a writable one, even an
+   * empty one: readable buffers come first).
    */
   appendBuffer(lo: number, hi: number, len: number, writable: boolean): string | null {
+    if (writable) this.#seenWritable = true;
+    else if (this.#seenWritable) return "device-readable buffer after a device-writable one";
     if (len === 0) return null;
     if (this.readableLen + this.writableLen + len > CHAIN_MAX_BYTES) {
       return "chain is longer than 2^32 - 1 bytes";

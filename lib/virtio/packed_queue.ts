@@ -85,6 +85,7 @@ import {
 } from "./packed_layout.ts";
 import {
   locateIndirectTable,
+  maxIndirectDescsOf,
   POP_CHAIN,
   POP_EMPTY,
   POP_INVALID,
@@ -92,7 +93,6 @@ import {
   QueueError,
   ringPart,
   ringWords,
-  VIRTQ_INDIRECT_MAX_DESCS,
   type VirtQueue,
   type VirtQueueOptions,
 } from "./virtqueue.ts";
@@ -163,8 +163,6 @@ export class PackedQueue implements VirtQueue {
   #sinceDecision = 0;
   /** shadow of the device event suppression flags (-1: not written yet) */
   #deviceFlags = -1;
-  /** during a walk: a writable descriptor was seen */
-  #seenWritable = false;
 
   constructor(
     size: number,
@@ -178,10 +176,7 @@ export class PackedQueue implements VirtQueue {
     if (!isValidPackedQueueSize(size)) {
       throw new QueueError(`packed queue size ${size} is not in 1..32768`);
     }
-    const maxIndirect = options.maxIndirectDescs ?? VIRTQ_INDIRECT_MAX_DESCS;
-    if (!Number.isInteger(maxIndirect) || maxIndirect < 1) {
-      throw new QueueError(`maxIndirectDescs ${maxIndirect} must be a positive integer`);
-    }
+    const maxIndirect = maxIndirectDescsOf(options);
     const desc = ringPart(
       mem,
       "descriptor ring",
@@ -329,7 +324,6 @@ export class PackedQueue implements VirtQueue {
     let flags = Atomics.load(this.#descWords, start * DESC_WORDS + FLAGS_WORD);
     if (!isAvailable(flags, wrap)) return POP_EMPTY;
     chain.reset(this.mem, 0);
-    this.#seenWritable = false;
     const dv = this.#descView;
     const base = this.#descOff;
     const size = this.size;
@@ -374,10 +368,7 @@ export class PackedQueue implements VirtQueue {
     chain.head = id;
     if (err === null) return POP_CHAIN;
     this.lastError = err;
-    chain.count = 0;
-    chain.readableCount = 0;
-    chain.readableLen = 0;
-    chain.writableLen = 0;
+    chain.invalidate();
     return POP_INVALID;
   }
 
@@ -524,7 +515,7 @@ export class PackedQueue implements VirtQueue {
       if (nth !== 1) return `descriptor ${idx} is INDIRECT inside a list linked by NEXT`;
       return this.#walkIndirect(c, lo, hi, len);
     }
-    const err = this.#addBuffer(c, lo, hi, len, (flags & VIRTQ_DESC_F_WRITE) !== 0);
+    const err = c.appendBuffer(lo, hi, len, (flags & VIRTQ_DESC_F_WRITE) !== 0);
     return err === null ? null : `descriptor ${idx}: ${err}`;
   }
 
@@ -539,8 +530,7 @@ export class PackedQueue implements VirtQueue {
     for (let i = 0; i < entries; i++) {
       const o = base + i * PACKED_DESC_SIZE;
       c.descCount++;
-      const err = this.#addBuffer(
-        c,
+      const err = c.appendBuffer(
         dv.getUint32(o + PACKED_DESC_ADDR, true),
         dv.getUint32(o + PACKED_DESC_ADDR + 4, true),
         dv.getUint32(o + PACKED_DESC_LEN, true),
@@ -549,12 +539,5 @@ export class PackedQueue implements VirtQueue {
       if (err !== null) return `indirect entry ${i}: ${err}`;
     }
     return null;
-  }
-
-  /** Appends one buffer to `c` after checking readable-before-writable; null or why not. */
-  #addBuffer(c: DescChain, lo: number, hi: number, len: number, writable: boolean): string | null {
-    if (writable) this.#seenWritable = true;
-    else if (this.#seenWritable) return "device-readable buffer after a device-writable one";
-    return c.appendBuffer(lo, hi, len, writable);
   }
 }

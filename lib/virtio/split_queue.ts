@@ -83,6 +83,7 @@ import {
 } from "./split_layout.ts";
 import {
   locateIndirectTable,
+  maxIndirectDescsOf,
   POP_CHAIN,
   POP_EMPTY,
   POP_INVALID,
@@ -90,7 +91,6 @@ import {
   QueueError,
   ringPart,
   ringWords,
-  VIRTQ_INDIRECT_MAX_DESCS,
   type VirtQueue,
   type VirtQueueOptions,
 } from "./virtqueue.ts";
@@ -145,8 +145,6 @@ export class SplitQueue implements VirtQueue {
   #sinceDecision = 0;
   /** shadow of used.flags (owned by the device) */
   #usedFlags = 0;
-  /** during a walk: a writable descriptor was seen */
-  #seenWritable = false;
 
   constructor(
     size: number,
@@ -161,10 +159,7 @@ export class SplitQueue implements VirtQueue {
       throw new QueueError(`queue size ${size} is not a power of 2 in 1..32768`);
     }
     const eventIdx = options.eventIdx;
-    const maxIndirect = options.maxIndirectDescs ?? VIRTQ_INDIRECT_MAX_DESCS;
-    if (!Number.isInteger(maxIndirect) || maxIndirect < 1) {
-      throw new QueueError(`maxIndirectDescs ${maxIndirect} must be a positive integer`);
-    }
+    const maxIndirect = maxIndirectDescsOf(options);
     const desc = ringPart(mem, "descriptor table", descGpa, descTableSize(size), VRING_DESC_ALIGN);
     const avail = ringPart(
       mem,
@@ -313,10 +308,7 @@ export class SplitQueue implements VirtQueue {
     const err = this.#walk(chain, head);
     if (err === null) return POP_CHAIN;
     this.lastError = err;
-    chain.count = 0;
-    chain.readableCount = 0;
-    chain.readableLen = 0;
-    chain.writableLen = 0;
+    chain.invalidate();
     return POP_INVALID;
   }
 
@@ -426,7 +418,6 @@ export class SplitQueue implements VirtQueue {
 
   /** Walks the chain at `head` into `c`; returns null or why it is invalid. */
   #walk(c: DescChain, head: number): string | null {
-    this.#seenWritable = false;
     const dv = this.#descView;
     const base = this.#descOff;
     const size = this.size;
@@ -450,7 +441,7 @@ export class SplitQueue implements VirtQueue {
         }
         return this.#walkIndirect(c, lo, hi, len);
       }
-      const err = this.#addBuffer(c, lo, hi, len, (flags & VRING_DESC_F_WRITE) !== 0);
+      const err = c.appendBuffer(lo, hi, len, (flags & VRING_DESC_F_WRITE) !== 0);
       if (err !== null) return `descriptor ${idx}: ${err}`;
       if ((flags & VRING_DESC_F_NEXT) === 0) return null;
       const next = dv.getUint16(o + VRING_DESC_NEXT, true);
@@ -476,8 +467,7 @@ export class SplitQueue implements VirtQueue {
       if ((flags & VRING_DESC_F_INDIRECT) !== 0) {
         return `indirect entry ${i} is itself INDIRECT (nested tables are not allowed)`;
       }
-      const err = this.#addBuffer(
-        c,
+      const err = c.appendBuffer(
         dv.getUint32(o + VRING_DESC_ADDR, true),
         dv.getUint32(o + VRING_DESC_ADDR + 4, true),
         dv.getUint32(o + VRING_DESC_LEN, true),
@@ -489,12 +479,5 @@ export class SplitQueue implements VirtQueue {
       if (next >= entries) return `indirect entry ${i}: next ${next} is beyond the table`;
       i = next;
     }
-  }
-
-  /** Appends one buffer to `c` after checking readable-before-writable; null or why not. */
-  #addBuffer(c: DescChain, lo: number, hi: number, len: number, writable: boolean): string | null {
-    if (writable) this.#seenWritable = true;
-    else if (this.#seenWritable) return "device-readable buffer after a device-writable one";
-    return c.appendBuffer(lo, hi, len, writable);
   }
 }

@@ -52,6 +52,15 @@ export interface VirtQueueOptions {
   readonly maxIndirectDescs?: number;
 }
 
+/** `options.maxIndirectDescs` or its default; QueueError unless a positive integer. */
+export function maxIndirectDescsOf(options: VirtQueueOptions): number {
+  const max = options.maxIndirectDescs ?? VIRTQ_INDIRECT_MAX_DESCS;
+  if (!Number.isInteger(max) || max < 1) {
+    throw new QueueError(`maxIndirectDescs ${max} must be a positive integer`);
+  }
+  return max;
+}
+
 /** The device side of one virtqueue (split or packed). */
 export interface VirtQueue {
   /** Queue size (entries of the descriptor table / ring). */

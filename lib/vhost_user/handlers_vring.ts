@@ -57,7 +57,7 @@ export const VRING_HANDLERS: ReadonlyMap<number, Handler> = new Map<number, Hand
     const { index, num } = vringState(p);
     const v = ctx.vring(index);
     const max = ctx.device.maxQueueSize;
-    // A packed ring's size need not be a power of 2 (virtio 1.3, 2.8.10.1).
+    // A packed ring's size need not be a power of 2 (virtio 1.3, "Packed Virtqueues").
     if (isPacked(ctx)) {
       if (num === 0 || num > max) {
         throw new RequestError(`vring ${index}: size ${num} not in 1..${max}`);

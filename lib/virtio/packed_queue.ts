@@ -34,9 +34,9 @@
  * Batching: `pushUsed` writes the used descriptors at once, but the flags of the
  * first one of a batch only in `publishUsed`, last (an Atomics store, ordered
  * after the other writes): the driver polls only its next used position, so it
- * sees the whole batch or none of it (2.8.21 "Multi-buffer requests").
+ * sees the whole batch or none of it (as the spec's "Multi-buffer requests" asks).
  *
- * Notifications (2.8.10, 2.8.14). Used buffer notifications: `needsNotification()`
+ * Notifications ("Driver and Device Event Suppression"). Used buffer notifications: `needsNotification()`
  * reads the driver event suppression structure: DISABLE -> none, ENABLE -> one per
  * decision that follows progress, DESC (with VIRTIO_RING_F_EVENT_IDX) -> whether
  * the used positions passed since the previous decision include the requested

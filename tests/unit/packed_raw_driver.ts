@@ -1,6 +1,6 @@
 /**
- * A minimal raw driver of a packed virtqueue (virtio 1.3, 2.8.13 "Supplying Buffers to The
- * Device" and 2.8.14 "Receiving Used Buffers From The Device"), for the device-side tests of
+ * A minimal raw driver of a packed virtqueue (virtio 1.3 "Packed Virtqueues": "Supplying
+ * Buffers to The Device" and "Receiving Used Buffers From The Device"), for the device-side tests of
  * `PackedQueue`: it writes descriptors byte by byte with packed_layout.ts's offsets and flags,
  * the first descriptor's flags last, keeps the descriptor count of each buffer id to skip over
  * used descriptors, and reads and writes the event suppression structures. It checks nothing

@@ -46,9 +46,13 @@ import {
 import { Acceptor } from "../acceptor.ts";
 import { log, LogLimiter } from "../log.ts";
 import type { Reactor } from "../reactor.ts";
-import { QueueError, SplitQueue } from "../virtio/split_queue.ts";
+import { PackedQueue } from "../virtio/packed_queue.ts";
+import { PACKED_EVENT_SIZE, packedDescRingSize } from "../virtio/packed_layout.ts";
+import { SplitQueue } from "../virtio/split_queue.ts";
+import { QueueError, type VirtQueueOptions } from "../virtio/virtqueue.ts";
 import {
   VIRTIO_F_NOTIFY_ON_EMPTY_MASK,
+  VIRTIO_F_RING_PACKED_MASK,
   VIRTIO_RING_F_EVENT_IDX_MASK,
   VIRTIO_RING_F_INDIRECT_DESC_MASK,
 } from "../virtio/features.ts";
@@ -459,11 +463,11 @@ export class VhostUserBackend {
     this.#rebuildQueue(v);
   }
 
-  /** GET_VRING_BASE: stop the ring; returns the next avail index to process. */
+  /** GET_VRING_BASE: stop the ring; returns its position (`VirtQueue.ringBase`). */
   #stopRing(v: Vring): number {
     this.#deactivate(v);
     v.started = false;
-    const base = v.queue !== null ? v.queue.lastAvail : v.base;
+    const base = v.queue !== null ? v.queue.ringBase : v.base;
     v.base = base;
     v.queue = null;
     if (v.kickFd >= 0) {
@@ -491,7 +495,7 @@ export class VhostUserBackend {
     }
   }
 
-  /** (Re)creates the ring's SplitQueue from its addresses, then updates activity. */
+  /** (Re)creates the ring's queue from its addresses, then updates activity. */
   #rebuildQueue(v: Vring): void {
     if (!v.started) return;
     const prev = v.queue;
@@ -499,10 +503,21 @@ export class VhostUserBackend {
     v.queue = null;
     if (!v.hasAddr || v.num === 0 || this.memory.regions.length === 0) return;
     const f = this.#session.ackedFeatures;
-    // The sizes with the EVENT_IDX fields, whether negotiated or not.
-    const desc = this.memory.vaToGpa(v.descUser, descTableSize(v.num));
-    const avail = this.memory.vaToGpa(v.availUser, availRingSize(v.num, true));
-    const used = this.memory.vaToGpa(v.usedUser, usedRingSize(v.num, true));
+    const packed = (f & VIRTIO_F_RING_PACKED_MASK) !== 0n;
+    // Packed: descriptor ring, driver area ("avail"), device area ("used"). Split: the
+    // sizes with the EVENT_IDX fields, whether negotiated or not.
+    const desc = this.memory.vaToGpa(
+      v.descUser,
+      packed ? packedDescRingSize(v.num) : descTableSize(v.num),
+    );
+    const avail = this.memory.vaToGpa(
+      v.availUser,
+      packed ? PACKED_EVENT_SIZE : availRingSize(v.num, true),
+    );
+    const used = this.memory.vaToGpa(
+      v.usedUser,
+      packed ? PACKED_EVENT_SIZE : usedRingSize(v.num, true),
+    );
     if (desc === null || avail === null || used === null) {
       if (requestLog.allow()) {
         log.warn(`vhost-user: vring ${v.index}: ring addresses are not in mapped memory`);
@@ -510,13 +525,19 @@ export class VhostUserBackend {
       return;
     }
     try {
-      const q = new SplitQueue(v.num, this.memory, desc, avail, used, {
+      const opts: VirtQueueOptions = {
         eventIdx: (f & VIRTIO_RING_F_EVENT_IDX_MASK) !== 0n,
         indirect: (f & VIRTIO_RING_F_INDIRECT_DESC_MASK) !== 0n,
         notifyOnEmpty: (f & VIRTIO_F_NOTIFY_ON_EMPTY_MASK) !== 0n,
-      });
-      q.lastAvail = prev !== null ? prev.lastAvail : v.base;
-      if (prev !== null) q.usedIdx = prev.usedIdx;
+      };
+      const q = packed
+        ? new PackedQueue(v.num, this.memory, desc, avail, used, opts)
+        : new SplitQueue(v.num, this.memory, desc, avail, used, opts);
+      // A rebuilt ring (new memory table) goes on where it was; a packed ring's base holds
+      // both of its positions.
+      q.ringBase = prev !== null && prev.packed === packed ? prev.ringBase : v.base;
+      // Pushed used entries survive a rebuild (the ring's memory is the same guest RAM).
+      if (prev instanceof SplitQueue && q instanceof SplitQueue) q.usedIdx = prev.usedIdx;
       v.queue = q;
     } catch (e) {
       if (requestLog.allow()) {
@@ -537,7 +558,7 @@ export class VhostUserBackend {
       v.active = true;
       if (log.debugOn) {
         log.debug(
-          `vhost-user: vring ${v.index} active (size ${v.num}, base ${v.queue!.lastAvail})`,
+          `vhost-user: vring ${v.index} active (size ${v.num}, base ${v.queue!.ringBase})`,
         );
       }
       this.device.queueActive({ index: v.index, queue: v.queue!, notifier: v });

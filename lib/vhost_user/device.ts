@@ -10,7 +10,7 @@
  * - when the whole device resets (front end gone, RESET_DEVICE, driver reset).
  * The device answers config-space reads and may save/load its state.
  */
-import type { SplitQueue } from "../virtio/split_queue.ts";
+import type { VirtQueue } from "../virtio/virtqueue.ts";
 import type { Reactor } from "../reactor.ts";
 
 /** How a device signals the driver for one queue (the vring's call eventfd). */
@@ -22,7 +22,7 @@ export interface QueueNotifier {
 /** An active queue handed to the device. */
 export interface ActiveQueue {
   readonly index: number;
-  readonly queue: SplitQueue;
+  readonly queue: VirtQueue;
   readonly notifier: QueueNotifier;
 }
 

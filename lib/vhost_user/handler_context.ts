@@ -88,9 +88,12 @@ export interface HandlerContext {
 
   /** SET_VRING_KICK: the ring starts (after a driver reset check). */
   startRing(v: Vring): void;
-  /** GET_VRING_BASE: stops the ring; returns the next avail index to process. */
+  /**
+   * GET_VRING_BASE: stops the ring; returns its position (`VirtQueue.ringBase`: the next
+   * avail index of a split ring, `packedRingBase` of a packed one).
+   */
   stopRing(v: Vring): number;
-  /** (Re)creates a started ring's SplitQueue from its addresses. */
+  /** (Re)creates a started ring's queue (split or packed) from its addresses. */
   rebuildQueue(v: Vring): void;
   /** Rebuilds every started ring (memory or features changed). */
   rebuildQueues(): void;

@@ -6,7 +6,7 @@
  */
 
 import { log } from "../log.ts";
-import { VIRTIO_RING_F_EVENT_IDX_MASK } from "../virtio/features.ts";
+import { VIRTIO_F_RING_PACKED_MASK, VIRTIO_RING_F_EVENT_IDX_MASK } from "../virtio/features.ts";
 import {
   type Handler,
   type HandlerContext,
@@ -71,7 +71,9 @@ function setFeatures(ctx: HandlerContext, f: bigint): void {
     );
   }
   const s = ctx.session;
-  const eventIdxChanged = ((f ^ s.ackedFeatures) & VIRTIO_RING_F_EVENT_IDX_MASK) !== 0n;
+  // Features that change the rings' layout: their queues are rebuilt.
+  const layout = VIRTIO_RING_F_EVENT_IDX_MASK | VIRTIO_F_RING_PACKED_MASK;
+  const layoutChanged = ((f ^ s.ackedFeatures) & layout) !== 0n;
   s.ackedFeatures = f;
   s.featuresSet = true;
   ctx.memory.setLogging((f & LOG_ALL_MASK) !== 0n);
@@ -81,5 +83,5 @@ function setFeatures(ctx: HandlerContext, f: bigint): void {
     for (const v of ctx.vrings) v.enabled = true;
   }
   ctx.device.setFeatures(f & ~(PROTOCOL_FEATURES_MASK | LOG_ALL_MASK));
-  if (eventIdxChanged) ctx.rebuildQueues();
+  if (layoutChanged) ctx.rebuildQueues();
 }

@@ -14,6 +14,7 @@
 
 import { close, EPOLLET, EPOLLIN } from "../../ffi/mod.ts";
 import { log } from "../log.ts";
+import { VIRTIO_F_RING_PACKED_MASK } from "../virtio/features.ts";
 import {
   type Handler,
   type HandlerContext,
@@ -45,13 +46,23 @@ function takeEventFd(ctx: HandlerContext, msg: RawMessage, what: string): number
   return fd;
 }
 
+/** Whether the driver negotiated packed rings (VIRTIO_F_RING_PACKED). */
+function isPacked(ctx: HandlerContext): boolean {
+  return (ctx.session.ackedFeatures & VIRTIO_F_RING_PACKED_MASK) !== 0n;
+}
+
 /** Handlers of the vring requests, by request id. */
 export const VRING_HANDLERS: ReadonlyMap<number, Handler> = new Map<number, Handler>([
   [R.SET_VRING_NUM, (ctx, _msg, p) => {
     const { index, num } = vringState(p);
     const v = ctx.vring(index);
     const max = ctx.device.maxQueueSize;
-    if (num === 0 || num > max || (num & (num - 1)) !== 0) {
+    // A packed ring's size need not be a power of 2 (virtio 1.3, "Packed Virtqueues").
+    if (isPacked(ctx)) {
+      if (num === 0 || num > max) {
+        throw new RequestError(`vring ${index}: size ${num} not in 1..${max}`);
+      }
+    } else if (num === 0 || num > max || (num & (num - 1)) !== 0) {
       throw new RequestError(`vring ${index}: size ${num} is not a power of 2 <= ${max}`);
     }
     v.num = num;
@@ -77,9 +88,12 @@ export const VRING_HANDLERS: ReadonlyMap<number, Handler> = new Map<number, Hand
   [R.SET_VRING_BASE, (ctx, _msg, p) => {
     const { index, num } = vringState(p);
     const v = ctx.vring(index);
-    v.base = num & 0xffff;
+    // Split: the next avail index (u16). Packed: avail and used positions with their wrap
+    // counters in all 32 bits (packed_layout.ts `packedRingBase`), as QEMU's
+    // virtio_queue_packed_get_last_avail_idx sends them.
+    v.base = isPacked(ctx) ? num >>> 0 : num & 0xffff;
     if (v.stoppedAt !== null && v.stoppedAt !== v.base) ctx.session.driverResetSuspected = true;
-    if (v.queue !== null) v.queue.lastAvail = v.base;
+    if (v.queue !== null) v.queue.ringBase = v.base;
     return false;
   }],
   [R.GET_VRING_BASE, (ctx, msg, p) => {

@@ -6,13 +6,14 @@
  * (SET_VRING_KICK) and stops on GET_VRING_BASE. Without
  * VHOST_USER_F_PROTOCOL_FEATURES a ring is enabled as soon as it starts; with
  * it, SET_VRING_ENABLE decides. The device sees the ring only while it is
- * *active*: started, enabled, and translated into a valid `SplitQueue`.
+ * *active*: started, enabled, and translated into a valid `VirtQueue`
+ * (`SplitQueue`, or `PackedQueue` when VIRTIO_F_RING_PACKED was negotiated).
  *
  * A kick that arrives while the ring is not active is not lost: activation
  * always processes the ring as if it had been kicked ("never drop a kick").
  */
 import { close, eventFdWrite } from "../../ffi/mod.ts";
-import type { SplitQueue } from "../virtio/split_queue.ts";
+import type { VirtQueue } from "../virtio/virtqueue.ts";
 import type { QueueNotifier } from "./device.ts";
 
 export class Vring implements QueueNotifier {
@@ -23,7 +24,11 @@ export class Vring implements QueueNotifier {
   addrFlags = 0;
   logGuestAddr = 0n;
   hasAddr = false;
-  /** SET_VRING_BASE: next avail index to process */
+  /**
+   * SET_VRING_BASE: where the ring starts (`VirtQueue.ringBase`): the next avail index of a
+   * split ring; of a packed ring, its avail and used positions with their wrap counters
+   * (bits 0-14, 15, 16-30, 31: packed_layout.ts `packedRingBase`)
+   */
   base = 0;
   kickFd = -1;
   callFd = -1;
@@ -32,7 +37,7 @@ export class Vring implements QueueNotifier {
   enabled = false;
   /** handed to the device */
   active = false;
-  queue: SplitQueue | null = null;
+  queue: VirtQueue | null = null;
   /** kicks seen while not active (for logs and tests; activation processes the ring anyway) */
   pendingKicks = 0;
   /** what the last GET_VRING_BASE returned (driver-reset detection) */

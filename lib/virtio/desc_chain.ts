@@ -3,8 +3,9 @@
  *
  * A driver offers a buffer as a chain of descriptors (virtio 1.3, 2.7.5): first
  * the device-readable ones (the request, e.g. a vsock header and payload), then
- * the device-writable ones (room for the reply). `SplitQueue.pop` walks and
- * validates a chain and stores it here as segments: (region index, offset in the
+ * the device-writable ones (room for the reply). A queue's `pop` (split_queue.ts,
+ * packed_queue.ts) walks and validates a chain and stores it here, one buffer at a
+ * time through `appendBuffer`, as segments: (region index, offset in the
  * region, length) triples, already split where a descriptor crosses from one
  * memory region into the next, readable segments first. Every segment lies
  * inside guest memory, so the copy helpers below and the iovecs they build never
@@ -23,6 +24,10 @@ const SMALL_COPY = 64;
 const INT_INDEX_LIMIT = 0x7fff_0000;
 
 const TWO_POW_32 = 0x1_0000_0000;
+/** Largest total chain length: a used length is a u32. */
+const CHAIN_MAX_BYTES = 0xffff_ffff;
+/** A descriptor address whose high u32 half is >= 2^21 is >= 2^53: out of bounds. */
+const ADDR_HI_LIMIT = 0x20_0000;
 
 /** iovecs are written as u32 halves, which assumes a little-endian host (x86_64, aarch64). */
 const HOST_LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
@@ -36,7 +41,7 @@ export interface IovSegments {
 export class DescChain {
   /** Maximum number of segments this chain can hold. */
   readonly capacity: number;
-  /** Head descriptor index: the id to return in the used ring. */
+  /** What to return in the used ring: a split ring's head index, a packed ring's buffer id. */
   head = 0;
   /** Number of segments held. */
   count = 0;
@@ -59,6 +64,8 @@ export class DescChain {
   /** The memory the segments refer to (set by `reset`). */
   mem: GuestMemory | null = null;
 
+  /** while a queue builds the chain: a writable buffer was appended */
+  #seenWritable = false;
   #iovWords: Uint32Array | null = null;
   #iovSource: BigUint64Array | null = null;
 
@@ -82,6 +89,63 @@ export class DescChain {
     this.readableLen = 0;
     this.writableLen = 0;
     this.descCount = 0;
+    this.#seenWritable = false;
+  }
+
+  /** Drops the segments of a chain that failed validation (`head` and `descCount` stay). */
+  invalidate(): void {
+    this.count = 0;
+    this.readableCount = 0;
+    this.readableLen = 0;
+    this.writableLen = 0;
+  }
+
+  /**
+   * Appends one descriptor's buffer (address as u32 halves, length) as segments,
+   * split where it crosses from one memory region into the next. Returns null, or
+   * why the buffer is invalid (outside guest memory, the chain over 2^32 - 1 bytes
+   * or over `capacity` segments, a readable buffer after a writable one, even an
+   * empty one: readable buffers come first).
+   */
+  appendBuffer(lo: number, hi: number, len: number, writable: boolean): string | null {
+    if (writable) this.#seenWritable = true;
+    else if (this.#seenWritable) return "device-readable buffer after a device-writable one";
+    if (len === 0) return null;
+    if (this.readableLen + this.writableLen + len > CHAIN_MAX_BYTES) {
+      return "chain is longer than 2^32 - 1 bytes";
+    }
+    let gpa = hi * TWO_POW_32 + lo;
+    if (hi >= ADDR_HI_LIMIT || gpa > Number.MAX_SAFE_INTEGER - len) {
+      return `buffer [0x${gpa.toString(16)}, +${len}) is outside guest memory`;
+    }
+    const mem = this.#memory();
+    let remaining = len;
+    while (remaining > 0) {
+      // Common case first: the whole rest lies in one region.
+      let r = mem.regionOf(gpa, remaining);
+      let n = remaining;
+      if (r < 0) {
+        r = mem.regionOf(gpa, 1);
+        if (r < 0) return `buffer [0x${gpa.toString(16)}, +${remaining}) is outside guest memory`;
+        const region = mem.regions[r];
+        n = Math.min(remaining, region.size - (gpa - region.gpa));
+      }
+      const k = this.count;
+      if (k >= this.capacity) return `chain needs more than ${this.capacity} segments`;
+      this.region[k] = r;
+      this.offset[k] = gpa - mem.regions[r].gpa;
+      this.len[k] = n;
+      this.count = k + 1;
+      gpa += n;
+      remaining -= n;
+    }
+    if (writable) {
+      this.writableLen += len;
+    } else {
+      this.readableLen += len;
+      this.readableCount = this.count;
+    }
+    return null;
   }
 
   /** Number of writable segments. */

@@ -44,11 +44,12 @@
  * and ring entries are read after the avail.idx that covers them.
  *
  * The queue keeps references to the region views it was built over: build a new
- * queue when the memory table changes. Packed rings are handled elsewhere.
+ * queue when the memory table changes. Packed rings: packed_queue.ts; the
+ * interface both implement, and the definitions they share: virtqueue.ts.
  */
 
 import type { DescChain } from "./desc_chain.ts";
-import type { GuestMemory, MemRegion } from "./memory.ts";
+import type { GuestMemory } from "./memory.ts";
 import {
   availElemOffset,
   availEventOffset,
@@ -80,51 +81,25 @@ import {
   VRING_USED_IDX,
   vringNeedEvent,
 } from "./split_layout.ts";
+import {
+  locateIndirectTable,
+  maxIndirectDescsOf,
+  POP_CHAIN,
+  POP_EMPTY,
+  POP_INVALID,
+  type PopResult,
+  QueueError,
+  ringPart,
+  ringWords,
+  type VirtQueue,
+  type VirtQueueOptions,
+} from "./virtqueue.ts";
 
-/** The queue's configuration is unusable (bad size, ring outside memory, misaligned). */
-export class QueueError extends Error {
-  override name = "QueueError";
-}
-
-/** `pop` found nothing to consume (or the queue is `broken`). */
-export const POP_EMPTY = 0;
-/** `pop` consumed a valid chain. */
-export const POP_CHAIN = 1;
-/** `pop` consumed an invalid chain: return `chain.head` with used len 0; see `lastError`. */
-export const POP_INVALID = 2;
-export type PopResult = typeof POP_EMPTY | typeof POP_CHAIN | typeof POP_INVALID;
-
-/**
- * Default cap on the entries of one indirect table (Linux's UIO_MAXIOV and QEMU's
- * VIRTQUEUE_MAX_SIZE): indirect tables may exceed the queue size, but not this.
- */
-export const VIRTQ_INDIRECT_MAX_DESCS = 1024;
-
-/** Largest total chain length: used.len is a u32. */
-const CHAIN_MAX_BYTES = 0xffff_ffff;
-/** A descriptor address whose high u32 half is >= 2^21 is >= 2^53: out of bounds. */
-const ADDR_HI_LIMIT = 0x20_0000;
 const TWO_POW_32 = 0x1_0000_0000;
 const HOST_LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
 
-export interface SplitQueueOptions {
-  /** VIRTIO_RING_F_EVENT_IDX negotiated */
-  readonly eventIdx: boolean;
-  /** VIRTIO_RING_F_INDIRECT_DESC negotiated */
-  readonly indirect: boolean;
-  /** VIRTIO_F_NOTIFY_ON_EMPTY negotiated: `needsNotification` also fires when the ring ran dry */
-  readonly notifyOnEmpty?: boolean;
-  /** cap on indirect table entries (default VIRTQ_INDIRECT_MAX_DESCS) */
-  readonly maxIndirectDescs?: number;
-}
-
-interface RingPart {
-  readonly region: MemRegion;
-  /** offset of the part within its region */
-  readonly off: number;
-}
-
-export class SplitQueue {
+export class SplitQueue implements VirtQueue {
+  readonly packed = false;
   readonly size: number;
   readonly mem: GuestMemory;
   readonly descGpa: number;
@@ -170,8 +145,6 @@ export class SplitQueue {
   #sinceDecision = 0;
   /** shadow of used.flags (owned by the device) */
   #usedFlags = 0;
-  /** during a walk: a writable descriptor was seen */
-  #seenWritable = false;
 
   constructor(
     size: number,
@@ -179,17 +152,14 @@ export class SplitQueue {
     descGpa: number,
     availGpa: number,
     usedGpa: number,
-    options: SplitQueueOptions,
+    options: VirtQueueOptions,
   ) {
     if (!HOST_LITTLE_ENDIAN) throw new QueueError("SplitQueue requires a little-endian host");
     if (!isValidQueueSize(size)) {
       throw new QueueError(`queue size ${size} is not a power of 2 in 1..32768`);
     }
     const eventIdx = options.eventIdx;
-    const maxIndirect = options.maxIndirectDescs ?? VIRTQ_INDIRECT_MAX_DESCS;
-    if (!Number.isInteger(maxIndirect) || maxIndirect < 1) {
-      throw new QueueError(`maxIndirectDescs ${maxIndirect} must be a positive integer`);
-    }
+    const maxIndirect = maxIndirectDescsOf(options);
     const desc = ringPart(mem, "descriptor table", descGpa, descTableSize(size), VRING_DESC_ALIGN);
     const avail = ringPart(
       mem,
@@ -222,12 +192,16 @@ export class SplitQueue {
     this.#availOff = avail.off;
     this.#usedView = used.region.view;
     this.#usedOff = used.off;
-    this.#availIdxWord = word16(avail, VRING_AVAIL_IDX, "avail.idx");
-    this.#usedIdxWord = word16(used, VRING_USED_IDX, "used.idx");
-    this.#usedFlagsWord = word16(used, VRING_USED_FLAGS, "used.flags");
-    this.#availEventWord = eventIdx ? word16(used, availEventOffset(size), "avail_event") : null;
-    this.#availFlagsWord = word16(avail, VRING_AVAIL_FLAGS, "avail.flags");
-    this.#usedEventWord = eventIdx ? word16(avail, usedEventOffset(size), "used_event") : null;
+    this.#availIdxWord = ringWords(avail, VRING_AVAIL_IDX, 1, "avail.idx");
+    this.#usedIdxWord = ringWords(used, VRING_USED_IDX, 1, "used.idx");
+    this.#usedFlagsWord = ringWords(used, VRING_USED_FLAGS, 1, "used.flags");
+    this.#availEventWord = eventIdx
+      ? ringWords(used, availEventOffset(size), 1, "avail_event")
+      : null;
+    this.#availFlagsWord = ringWords(avail, VRING_AVAIL_FLAGS, 1, "avail.flags");
+    this.#usedEventWord = eventIdx
+      ? ringWords(avail, usedEventOffset(size), 1, "used_event")
+      : null;
 
     // Like Linux vhost (vhost_vq_init_access): the used index lives in guest memory.
     this.#usedIdx = Atomics.load(this.#usedIdxWord, 0);
@@ -245,6 +219,15 @@ export class SplitQueue {
     this.#lastAvail = value & 0xffff;
     this.#shadowAvail = this.#lastAvail;
     this.#signalledValid = false;
+  }
+
+  /** vhost-user's vring base of a split ring: `lastAvail`. */
+  get ringBase(): number {
+    return this.#lastAvail;
+  }
+
+  set ringBase(value: number) {
+    this.lastAvail = value;
   }
 
   /** Next used index to fill (shadow of used.idx; read from the ring at construction). */
@@ -325,10 +308,7 @@ export class SplitQueue {
     const err = this.#walk(chain, head);
     if (err === null) return POP_CHAIN;
     this.lastError = err;
-    chain.count = 0;
-    chain.readableCount = 0;
-    chain.readableLen = 0;
-    chain.writableLen = 0;
+    chain.invalidate();
     return POP_INVALID;
   }
 
@@ -438,7 +418,6 @@ export class SplitQueue {
 
   /** Walks the chain at `head` into `c`; returns null or why it is invalid. */
   #walk(c: DescChain, head: number): string | null {
-    this.#seenWritable = false;
     const dv = this.#descView;
     const base = this.#descOff;
     const size = this.size;
@@ -462,7 +441,7 @@ export class SplitQueue {
         }
         return this.#walkIndirect(c, lo, hi, len);
       }
-      const err = this.#addBuffer(c, lo, hi, len, (flags & VRING_DESC_F_WRITE) !== 0);
+      const err = c.appendBuffer(lo, hi, len, (flags & VRING_DESC_F_WRITE) !== 0);
       if (err !== null) return `descriptor ${idx}: ${err}`;
       if ((flags & VRING_DESC_F_NEXT) === 0) return null;
       const next = dv.getUint16(o + VRING_DESC_NEXT, true);
@@ -473,21 +452,12 @@ export class SplitQueue {
 
   /** Walks an indirect table (the last descriptor of a chain) into `c`. */
   #walkIndirect(c: DescChain, lo: number, hi: number, len: number): string | null {
-    if (len === 0 || len % VRING_DESC_SIZE !== 0) {
-      return `indirect table length ${len} is not a non-zero multiple of ${VRING_DESC_SIZE}`;
-    }
+    const r = locateIndirectTable(this.mem, lo, hi, len, VRING_DESC_SIZE, this.maxIndirectDescs);
+    if (typeof r === "string") return r;
     const entries = len / VRING_DESC_SIZE;
-    if (entries > this.maxIndirectDescs) {
-      return `indirect table has ${entries} entries, more than ${this.maxIndirectDescs}`;
-    }
-    const gpa = hi * TWO_POW_32 + lo;
-    const r = hi >= ADDR_HI_LIMIT ? -1 : this.mem.regionOf(gpa, len);
-    if (r < 0) {
-      return `indirect table [0x${gpa.toString(16)}, +${len}) is not inside one memory region`;
-    }
     const region = this.mem.regions[r];
     const dv = region.view;
-    const base = gpa - region.gpa;
+    const base = hi * TWO_POW_32 + lo - region.gpa;
     let i = 0;
     for (let walked = 1;; walked++) {
       if (walked > entries) return `indirect chain is longer than its table (${entries}): loop`;
@@ -497,8 +467,7 @@ export class SplitQueue {
       if ((flags & VRING_DESC_F_INDIRECT) !== 0) {
         return `indirect entry ${i} is itself INDIRECT (nested tables are not allowed)`;
       }
-      const err = this.#addBuffer(
-        c,
+      const err = c.appendBuffer(
         dv.getUint32(o + VRING_DESC_ADDR, true),
         dv.getUint32(o + VRING_DESC_ADDR + 4, true),
         dv.getUint32(o + VRING_DESC_LEN, true),
@@ -511,78 +480,4 @@ export class SplitQueue {
       i = next;
     }
   }
-
-  /** Appends one buffer (address halves, length) as segments; null or why not. */
-  #addBuffer(c: DescChain, lo: number, hi: number, len: number, writable: boolean): string | null {
-    if (writable) this.#seenWritable = true;
-    else if (this.#seenWritable) return "device-readable buffer after a device-writable one";
-    if (len === 0) return null;
-    if (c.readableLen + c.writableLen + len > CHAIN_MAX_BYTES) {
-      return "chain is longer than 2^32 - 1 bytes";
-    }
-    let gpa = hi * TWO_POW_32 + lo;
-    if (hi >= ADDR_HI_LIMIT || gpa > Number.MAX_SAFE_INTEGER - len) {
-      return `buffer [0x${gpa.toString(16)}, +${len}) is outside guest memory`;
-    }
-    const mem = this.mem;
-    let remaining = len;
-    while (remaining > 0) {
-      // Common case first: the whole rest lies in one region.
-      let r = mem.regionOf(gpa, remaining);
-      let n = remaining;
-      if (r < 0) {
-        r = mem.regionOf(gpa, 1);
-        if (r < 0) return `buffer [0x${gpa.toString(16)}, +${remaining}) is outside guest memory`;
-        const region = mem.regions[r];
-        n = Math.min(remaining, region.size - (gpa - region.gpa));
-      }
-      const k = c.count;
-      if (k >= c.capacity) return `chain needs more than ${c.capacity} segments`;
-      c.region[k] = r;
-      c.offset[k] = gpa - mem.regions[r].gpa;
-      c.len[k] = n;
-      c.count = k + 1;
-      gpa += n;
-      remaining -= n;
-    }
-    if (writable) {
-      c.writableLen += len;
-    } else {
-      c.readableLen += len;
-      c.readableCount = c.count;
-    }
-    return null;
-  }
-}
-
-/** Locates one ring part: inside one region, aligned. */
-function ringPart(
-  mem: GuestMemory,
-  what: string,
-  gpa: number,
-  bytes: number,
-  align: number,
-): RingPart {
-  if (!Number.isSafeInteger(gpa) || gpa < 0) {
-    throw new QueueError(`${what} address ${gpa} is not a valid guest address`);
-  }
-  if (gpa % align !== 0) {
-    throw new QueueError(`${what} at 0x${gpa.toString(16)} is not ${align}-byte aligned`);
-  }
-  const r = mem.regionOf(gpa, bytes);
-  if (r < 0) {
-    throw new QueueError(
-      `${what} [0x${gpa.toString(16)}, +${bytes}) is not inside one guest memory region`,
-    );
-  }
-  const region = mem.regions[r];
-  return { region, off: gpa - region.gpa };
-}
-
-/** A one-element u16 view for Atomics on a ring index field. */
-function word16(part: RingPart, fieldOff: number, what: string): Uint16Array {
-  const bytes = part.region.bytes;
-  const byteOffset = bytes.byteOffset + part.off + fieldOff;
-  if (byteOffset % 2 !== 0) throw new QueueError(`${what} is not 2-byte aligned in host memory`);
-  return new Uint16Array(bytes.buffer, byteOffset, 1);
 }

@@ -32,11 +32,12 @@ import { DescChain } from "../virtio/desc_chain.ts";
 import {
   featureMask,
   VIRTIO_F_NOTIFY_ON_EMPTY_MASK,
+  VIRTIO_F_RING_PACKED_MASK,
   VIRTIO_F_VERSION_1_MASK,
   VIRTIO_RING_F_EVENT_IDX_MASK,
   VIRTIO_RING_F_INDIRECT_DESC_MASK,
 } from "../virtio/features.ts";
-import { POP_EMPTY, POP_INVALID, type SplitQueue } from "../virtio/split_queue.ts";
+import { POP_EMPTY, POP_INVALID, type VirtQueue } from "../virtio/virtqueue.ts";
 import type {
   ActiveQueue,
   QueueNotifier,
@@ -97,7 +98,7 @@ export class VsockDevice implements VirtioDevice {
   #rxSignal = false;
   #txSignal = false;
   /** queues already reported broken */
-  readonly #brokenReported = new WeakSet<SplitQueue>();
+  readonly #brokenReported = new WeakSet<VirtQueue>();
   readonly #badChainLog = new LogLimiter("vsock: invalid descriptor chains");
   readonly #brokenLog = new LogLimiter("vsock: broken queues", 5, 5000, "error");
   /** TX stopped because too many replies are owed; RX draining resumes it */
@@ -109,8 +110,9 @@ export class VsockDevice implements VirtioDevice {
   constructor(readonly options: VsockDeviceOptions) {
     this.name = `vsock(cid ${options.guestCid})`;
     // Streams and seqpacket always; datagrams (not in the virtio spec) only when asked for.
+    // Split or packed rings (VIRTIO_F_RING_PACKED: QEMU's `packed=on`), as the driver acks.
     this.features = VIRTIO_F_VERSION_1_MASK | VIRTIO_RING_F_EVENT_IDX_MASK |
-      VIRTIO_RING_F_INDIRECT_DESC_MASK | VIRTIO_F_NOTIFY_ON_EMPTY_MASK |
+      VIRTIO_RING_F_INDIRECT_DESC_MASK | VIRTIO_F_NOTIFY_ON_EMPTY_MASK | VIRTIO_F_RING_PACKED_MASK |
       featureMask(VIRTIO_VSOCK_F_STREAM) | featureMask(VIRTIO_VSOCK_F_SEQPACKET) |
       (options.datagrams ? featureMask(VIRTIO_VSOCK_F_DGRAM) : 0n);
     this.maxQueueSize = options.queueSize;
@@ -216,7 +218,7 @@ export class VsockDevice implements VirtioDevice {
     }
   }
 
-  #publish(q: SplitQueue, n: QueueNotifier): void {
+  #publish(q: VirtQueue, n: QueueNotifier): void {
     q.publishUsed();
     if (q.needsNotification()) n.notify();
   }
@@ -270,7 +272,7 @@ export class VsockDevice implements VirtioDevice {
   }
 
   /** Logs once per queue that the guest corrupted it (it then yields nothing until reset). */
-  #reportBroken(q: SplitQueue, which: string): void {
+  #reportBroken(q: VirtQueue, which: string): void {
     if (q.broken === null || this.#brokenReported.has(q)) return;
     this.#brokenReported.add(q);
     // A front end rebuilds rings at will (each rebuild is a new queue): limit the rate too.
@@ -278,7 +280,7 @@ export class VsockDevice implements VirtioDevice {
   }
 
   /** Returns an invalid chain with used len 0; the caller publishes it (`#txSignal` etc.). */
-  #badChain(q: SplitQueue, head: number, which: string, why: string): void {
+  #badChain(q: VirtQueue, head: number, which: string, why: string): void {
     this.stats.badChains++;
     if (this.#badChainLog.allow()) {
       log.warn(`vsock: invalid ${which} descriptor chain (head ${head}): ${why}`);

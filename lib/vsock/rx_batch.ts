@@ -11,7 +11,7 @@
  * avail ring is consumed in order, so they are "un-popped" newest first).
  */
 import { DescChain } from "../virtio/desc_chain.ts";
-import { POP_CHAIN, POP_EMPTY, type SplitQueue } from "../virtio/split_queue.ts";
+import { POP_CHAIN, POP_EMPTY, type VirtQueue } from "../virtio/virtqueue.ts";
 import { VIRTIO_VSOCK_HDR_SIZE } from "./constants.ts";
 
 /** Most extra chains one read fills (with 4 KiB buffers: 16 = 64 KiB, one max packet's worth x 4). */
@@ -29,7 +29,7 @@ export interface RxChainSource {
 
 export class RxBatch implements RxChainSource {
   readonly #chains: DescChain[] = [];
-  #queue: SplitQueue | null = null;
+  #queue: VirtQueue | null = null;
   #taken = 0;
   readonly #heads = new Uint16Array(RX_BATCH_MAX_CHAINS);
   readonly #lens = new Uint32Array(RX_BATCH_MAX_CHAINS);
@@ -40,7 +40,7 @@ export class RxBatch implements RxChainSource {
   }
 
   /** Starts lending chains of `q` for one packet fill. */
-  begin(q: SplitQueue): void {
+  begin(q: VirtQueue): void {
     this.#queue = q;
     this.#taken = 0;
     this.#done = 0;

@@ -8,7 +8,8 @@
  */
 import { featureMask, VIRTIO_F_VERSION_1 } from "../../lib/virtio/features.ts";
 import { DescChain } from "../../lib/virtio/desc_chain.ts";
-import { POP_EMPTY, SplitQueue } from "../../lib/virtio/split_queue.ts";
+import { SplitQueue } from "../../lib/virtio/split_queue.ts";
+import { POP_EMPTY } from "../../lib/virtio/virtqueue.ts";
 import {
   VIRTIO_VSOCK_F_DGRAM,
   VIRTIO_VSOCK_F_SEQPACKET,

@@ -40,13 +40,8 @@ import {
   vringNeedEvent,
   writeDescriptor,
 } from "../../lib/virtio/split_layout.ts";
-import {
-  POP_CHAIN,
-  POP_EMPTY,
-  POP_INVALID,
-  QueueError,
-  SplitQueue,
-} from "../../lib/virtio/split_queue.ts";
+import { SplitQueue } from "../../lib/virtio/split_queue.ts";
+import { POP_CHAIN, POP_EMPTY, POP_INVALID, QueueError } from "../../lib/virtio/virtqueue.ts";
 import { PROPERTY_TIME_LIMIT } from "../../lib/testing/timeout.ts";
 
 // Memory map used by most tests: two adjacent regions, a gap, a third region.

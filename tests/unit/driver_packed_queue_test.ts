@@ -5,7 +5,8 @@
  * used position skipped by the buffer's slot count): round trips, out-of-order completion,
  * many wrap-arounds of rings of 4 and 5 entries, id reuse, batches made available by their
  * first descriptor, event suppression in both directions (with EVENT_IDX across a wrap) and
- * "enable notification, then re-check".
+ * "enable notification, then re-check". Also the packed ring's set-up for the VMM
+ * (driver_rings.ts) and the qemu profile's event injection into a packed event queue.
  */
 
 import assert from "node:assert/strict";
@@ -14,6 +15,9 @@ import {
   PACKED_RING_START_BASE,
 } from "../../lib/testing/driver_packed_queue.ts";
 import type { DriverSegment } from "../../lib/testing/driver_queue.ts";
+import { allocDriverRing, baseAvailIdx, baseUsedIdx } from "../../lib/testing/driver_rings.ts";
+import { GuestRam } from "../../lib/testing/guest_ram.ts";
+import { qemuInjectEvent } from "../../lib/testing/profile_qemu.ts";
 import { mulberry32 } from "../../lib/testing/prng.ts";
 import { PlainGuestMemory } from "../../lib/virtio/memory.ts";
 import {
@@ -522,4 +526,66 @@ Deno.test("packed driver: raw buffers: flags, ids and AVAIL/USED bits as given",
     slots: 1,
     segs: [{ addr: BUF + 8, len: 3, writable: true }],
   });
+});
+
+Deno.test("packed event queue: a fresh ring's set-up, and the VMM's event injection (qemu) reaped across wraps", () => {
+  const ram = new GuestRam({ regions: [{ gpa: 0, size: 1 << 20 }] });
+  try {
+    const ring = allocDriverRing(ram, (n, a) => ram.alloc(n, a), 2, 4, {
+      packed: true,
+      eventIdx: true,
+    });
+    const q = ring.queue;
+    assert.ok(q.packed);
+    const l = compactPackedRingLayout(4, ring.block);
+    assert.deepEqual(ring.setup, {
+      index: 2,
+      size: 4,
+      packed: true,
+      descGpa: l.descGpa,
+      availGpa: l.driverEventGpa,
+      usedGpa: l.deviceEventGpa,
+      base: PACKED_RING_START_BASE,
+    });
+    const bufs = [0, 1, 2].map(() => ram.alloc(8, 8));
+    const bufOf = new Map<number, number>();
+    const post = (gpa: number) => bufOf.set(q.addBuffer([wr(gpa, 4)]), gpa);
+    bufs.forEach(post);
+    q.publish();
+    let base = ring.setup.base;
+    const events: number[] = [];
+    for (let i = 0; i < 7; i++) {
+      base = qemuInjectEvent(ram, ring.setup, base, 100 + i);
+      q.drainUsed((id, len) => {
+        assert.equal(len, 4);
+        const gpa = bufOf.get(id)!;
+        events.push(new DataView(ram.read(gpa, 4).buffer).getUint32(0, true));
+        post(gpa); // virtio_vsock_event_fill_one: re-post at once
+      });
+      q.publish();
+    }
+    assert.deepEqual(events, [100, 101, 102, 103, 104, 105, 106]);
+    // 7 single-slot buffers: both sides at slot 3 of the second lap (wrap 0)
+    assert.deepEqual(parsePackedRingBase(base), {
+      availIdx: 3,
+      availWrap: 0,
+      usedIdx: 3,
+      usedWrap: 0,
+    });
+    assert.equal(baseUsedIdx(q, base), q.readUsedIdx());
+    assert.equal(baseUsedIdx(q, base), q.lastUsed);
+    assert.equal(q.availIdx, offWrap(2, 1), "three buffers posted ahead");
+    assert.equal(baseAvailIdx(q, base), offWrap(3, 0));
+    // nothing posted: the event is missed, as QEMU reports it
+    const empty = allocDriverRing(ram, (n, a) => ram.alloc(n, a), 2, 4, {
+      packed: true,
+      eventIdx: false,
+    });
+    assert.throws(
+      () => qemuInjectEvent(ram, empty.setup, empty.setup.base, 1),
+      /posted no event buffer/,
+    );
+  } finally {
+    ram.close();
+  }
 });

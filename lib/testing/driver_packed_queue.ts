@@ -33,7 +33,6 @@
 import type { GuestMemory } from "../virtio/memory.ts";
 import {
   availFlags,
-  compactPackedRingLayout,
   isUsed,
   isValidPackedQueueSize,
   offWrap,
@@ -120,6 +119,10 @@ const ID_WORD = PACKED_DESC_ID / 2;
 const FLAGS_WORD = PACKED_DESC_FLAGS / 2;
 const AVAIL_USED = VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED;
 
+/**
+ * The driver side of one packed ring at the given guest-physical addresses (zeroed here, as
+ * the spec wants a fresh ring). See the module doc.
+ */
 export class DriverPackedQueue implements DriverQueue {
   readonly packed = true as const;
   readonly size: number;
@@ -139,7 +142,10 @@ export class DriverPackedQueue implements DriverQueue {
   readonly #words: Uint16Array;
   /** driver event suppression: [off_wrap, flags] */
   readonly #driverEvent: Uint16Array;
-  /** device event suppression as one word (off_wrap | flags << 16), read as a snapshot */
+  /**
+   * device event suppression as one word, read as a snapshot: off_wrap in the low half, flags
+   * in the high half (little endian, like the Uint16Array views)
+   */
   readonly #deviceEvent: Uint32Array;
   /** per id: next free id */
   readonly #idNext: Uint16Array;
@@ -193,17 +199,6 @@ export class DriverPackedQueue implements DriverQueue {
     for (let i = 0; i < size; i++) this.#idNext[i] = i + 1 < size ? i + 1 : NO_ID;
     this.#idDescs = new Uint16Array(size);
     this.#numFree = size;
-  }
-
-  /** A queue laid out by `compactPackedRingLayout(size, baseGpa)`. */
-  static compact(
-    mem: GuestMemory,
-    size: number,
-    baseGpa: number,
-    options: DriverPackedQueueOptions = {},
-  ): DriverPackedQueue {
-    const l = compactPackedRingLayout(size, baseGpa);
-    return new DriverPackedQueue(mem, size, l.descGpa, l.driverEventGpa, l.deviceEventGpa, options);
   }
 
   /** Free ring slots. */

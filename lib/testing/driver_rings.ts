@@ -15,7 +15,13 @@ import {
   VIRTIO_RING_F_INDIRECT_DESC,
 } from "../virtio/features.ts";
 import type { GuestMemory } from "../virtio/memory.ts";
-import { compactPackedRingLayout, offWrap, parsePackedRingBase } from "../virtio/packed_layout.ts";
+import {
+  compactPackedRingLayout,
+  offWrap,
+  PACKED_OFFSET_MASK,
+  PACKED_WRAP_BIT,
+  parsePackedRingBase,
+} from "../virtio/packed_layout.ts";
 import { compactRingLayout } from "../virtio/split_layout.ts";
 import { DriverPackedQueue, PACKED_RING_START_BASE } from "./driver_packed_queue.ts";
 import { type DriverQueue, DriverSplitQueue } from "./driver_queue.ts";
@@ -104,6 +110,12 @@ export function baseAvailIdx(q: DriverQueue, base: number): number {
   if (!q.packed) return base;
   const b = parsePackedRingBase(base);
   return offWrap(b.availIdx, b.availWrap);
+}
+
+/** A queue position for messages: a split ring's index as is, a packed off_wrap as "slot/wrap". */
+export function describePosition(q: DriverQueue, pos: number): string {
+  if (!q.packed) return String(pos);
+  return `${pos & PACKED_OFFSET_MASK}/${(pos & PACKED_WRAP_BIT) !== 0 ? 1 : 0}`;
 }
 
 /**

@@ -34,7 +34,12 @@ import {
   VSOCK_VQ_TX,
 } from "../vsock/constants.ts";
 import type { PacketHeader } from "../vsock/packet.ts";
-import { allocDriverRing, type AnyDriverQueue, ringFeatures } from "./driver_rings.ts";
+import {
+  allocDriverRing,
+  type AnyDriverQueue,
+  describePosition,
+  ringFeatures,
+} from "./driver_rings.ts";
 import type { QueueSetup } from "./front_end.ts";
 import { GuestConnError } from "./guest_conn.ts";
 import type { GuestStats, RawDescriptor, RawUsed, VsockGuestOptions } from "./guest_types.ts";
@@ -397,8 +402,10 @@ export class GuestRings {
     const names = ["rx", "tx", "event"];
     for (let i = 0; i < VSOCK_VQ_COUNT; i++) {
       const q = this.queues[i];
+      const at = (pos: number) => describePosition(q, pos);
       lines.push(
-        `  ${names[i]}: avail ${q.availIdx} used ${q.readUsedIdx()} reaped ${q.lastUsed} ` +
+        `  ${names[i]}: avail ${at(q.availIdx)} used ${at(q.readUsedIdx())} ` +
+          `reaped ${at(q.lastUsed)} ` +
           `free descs ${q.numFree} kicks ${stats.kicks[i]} interrupts ${stats.interrupts[i]}`,
       );
     }

@@ -23,7 +23,7 @@
  */
 
 import type { DriverQueue, DriverSegment } from "../../lib/testing/driver_queue.ts";
-import { allocDriverRing } from "../../lib/testing/driver_rings.ts";
+import { allocDriverRing, describePosition } from "../../lib/testing/driver_rings.ts";
 import type { QueueSetup } from "../../lib/testing/front_end.ts";
 import type { GuestRam } from "../../lib/testing/guest_ram.ts";
 import {
@@ -276,9 +276,10 @@ export class LeanRings {
   /** One line per queue (for stall messages). */
   describe(): string {
     const names = ["rx", "tx", "event"];
-    return this.queues.map((q, i) =>
-      `${names[i]}: avail ${q.availIdx} used ${q.readUsedIdx()} reaped ${q.lastUsed} ` +
-      `free descs ${q.numFree}`
-    ).join("; ") + `; rx posted ${this.rxPosted}, tx slots free ${this.#txFree.length}`;
+    return this.queues.map((q, i) => {
+      const at = (pos: number) => describePosition(q, pos);
+      return `${names[i]}: avail ${at(q.availIdx)} used ${at(q.readUsedIdx())} ` +
+        `reaped ${at(q.lastUsed)} free descs ${q.numFree}`;
+    }).join("; ") + `; rx posted ${this.rxPosted}, tx slots free ${this.#txFree.length}`;
   }
 }

@@ -1,12 +1,12 @@
 /**
  * The testing library's driver side of a packed virtqueue (DriverPackedQueue) against a tiny
- * device written here with packed_layout's helpers (available descriptors read in ring order,
- * chains and indirect tables walked, used descriptors written with usedFlags(wrap) and the
- * used position skipped by the buffer's slot count): round trips, out-of-order completion,
+ * device written for these tests from the spec (packed_device.ts: available descriptors read
+ * in ring order, chains and indirect tables walked, used descriptors written with
+ * usedFlags(wrap) and the used position skipped by the buffer's slot count): round trips,
+ * out-of-order completion,
  * many wrap-arounds of rings of 4 and 5 entries, id reuse, batches made available by their
  * first descriptor, event suppression in both directions (with EVENT_IDX across a wrap) and
- * "enable notification, then re-check". Also the packed ring's set-up for the VMM
- * (driver_rings.ts) and the qemu profile's event injection into a packed event queue.
+ * "enable notification, then re-check".
  */
 
 import assert from "node:assert/strict";
@@ -15,9 +15,6 @@ import {
   PACKED_RING_START_BASE,
 } from "../../lib/testing/driver_packed_queue.ts";
 import type { DriverSegment } from "../../lib/testing/driver_queue.ts";
-import { allocDriverRing, baseAvailIdx, baseUsedIdx } from "../../lib/testing/driver_rings.ts";
-import { GuestRam } from "../../lib/testing/guest_ram.ts";
-import { qemuInjectEvent } from "../../lib/testing/profile_qemu.ts";
 import { mulberry32 } from "../../lib/testing/prng.ts";
 import { PlainGuestMemory } from "../../lib/virtio/memory.ts";
 import {
@@ -25,147 +22,20 @@ import {
   compactPackedRingLayout,
   isAvailable,
   offWrap,
-  PACKED_DESC_ADDR,
-  PACKED_DESC_FLAGS,
-  PACKED_DESC_ID,
-  PACKED_DESC_LEN,
-  PACKED_DESC_SIZE,
-  PACKED_EVENT_FLAGS,
-  PACKED_EVENT_OFF_WRAP,
   PACKED_OFFSET_MASK,
-  packedNeedEvent,
   packedRingBase,
   parsePackedRingBase,
   RING_EVENT_FLAGS_DESC,
   RING_EVENT_FLAGS_DISABLE,
   RING_EVENT_FLAGS_ENABLE,
   usedFlags,
-  VIRTQ_DESC_F_INDIRECT,
   VIRTQ_DESC_F_NEXT,
   VIRTQ_DESC_F_WRITE,
 } from "../../lib/virtio/packed_layout.ts";
+import { type Seg, type Taken, TinyDevice } from "./packed_device.ts";
 
 const BUF = 0x4000;
 const TABLE = 0x8000;
-
-interface Seg {
-  readonly addr: number;
-  readonly len: number;
-  readonly writable: boolean;
-}
-
-/** A buffer the device took: its id, the ring slots it occupied and its segments. */
-interface Taken {
-  readonly id: number;
-  readonly slots: number;
-  readonly segs: Seg[];
-}
-
-/** The device side, as small as the spec allows. */
-class TinyDevice {
-  availIdx = 0;
-  availWrap = 1;
-  usedIdx = 0;
-  usedWrap = 1;
-  /** used slots written since the last notification decision */
-  #usedSince = 0;
-  readonly #v: DataView;
-
-  constructor(
-    readonly mem: PlainGuestMemory,
-    readonly size: number,
-    readonly l: ReturnType<typeof compactPackedRingLayout>,
-  ) {
-    this.#v = mem.regions[0].view;
-  }
-
-  #desc(slot: number) {
-    const o = this.l.descGpa + slot * PACKED_DESC_SIZE;
-    return {
-      addr: Number(this.#v.getBigUint64(o + PACKED_DESC_ADDR, true)),
-      len: this.#v.getUint32(o + PACKED_DESC_LEN, true),
-      id: this.#v.getUint16(o + PACKED_DESC_ID, true),
-      flags: this.#v.getUint16(o + PACKED_DESC_FLAGS, true),
-    };
-  }
-
-  /** The next available buffer (chain or indirect table), or null. */
-  take(): Taken | null {
-    if (!isAvailable(this.#desc(this.availIdx).flags, this.availWrap)) return null;
-    const segs: Seg[] = [];
-    let slots = 0;
-    for (;;) {
-      const d = this.#desc(this.availIdx);
-      assert.ok(isAvailable(d.flags, this.availWrap), `slot ${this.availIdx} of a chain available`);
-      slots++;
-      if (++this.availIdx === this.size) {
-        this.availIdx = 0;
-        this.availWrap ^= 1;
-      }
-      if (d.flags & VIRTQ_DESC_F_INDIRECT) {
-        for (let o = d.addr; o < d.addr + d.len; o += PACKED_DESC_SIZE) {
-          const f = this.#v.getUint16(o + PACKED_DESC_FLAGS, true);
-          assert.equal(f & ~VIRTQ_DESC_F_WRITE, 0, "only WRITE in an indirect table");
-          segs.push({
-            addr: Number(this.#v.getBigUint64(o + PACKED_DESC_ADDR, true)),
-            len: this.#v.getUint32(o + PACKED_DESC_LEN, true),
-            writable: (f & VIRTQ_DESC_F_WRITE) !== 0,
-          });
-        }
-      } else {
-        segs.push({ addr: d.addr, len: d.len, writable: (d.flags & VIRTQ_DESC_F_WRITE) !== 0 });
-      }
-      if ((d.flags & VIRTQ_DESC_F_NEXT) === 0) return { id: d.id, slots, segs };
-    }
-  }
-
-  /** Takes every available buffer. */
-  takeAll(): Taken[] {
-    const out: Taken[] = [];
-    for (let t = this.take(); t !== null; t = this.take()) out.push(t);
-    return out;
-  }
-
-  /** Writes a used descriptor for `t` (flags last) and skips its slots. */
-  use(t: Taken, len: number, write = len > 0): void {
-    const o = this.l.descGpa + this.usedIdx * PACKED_DESC_SIZE;
-    this.#v.setUint16(o + PACKED_DESC_ID, t.id, true);
-    this.#v.setUint32(o + PACKED_DESC_LEN, len, true);
-    this.#v.setUint16(
-      o + PACKED_DESC_FLAGS,
-      usedFlags(this.usedWrap) | (write ? VIRTQ_DESC_F_WRITE : 0),
-      true,
-    );
-    this.usedIdx += t.slots;
-    this.#usedSince += t.slots;
-    if (this.usedIdx >= this.size) {
-      this.usedIdx -= this.size;
-      this.usedWrap ^= 1;
-    }
-  }
-
-  /** Writes a used descriptor with any id at the next used slot, advancing by one. */
-  useRawId(id: number, len: number): void {
-    this.use({ id, slots: 1, segs: [] }, len);
-  }
-
-  /** Whether the driver wants a used buffer notification for what was used since last asked. */
-  notifyNeeded(): boolean {
-    const since = this.#usedSince;
-    this.#usedSince = 0;
-    const flags = this.#v.getUint16(this.l.driverEventGpa + PACKED_EVENT_FLAGS, true);
-    if (flags === RING_EVENT_FLAGS_DISABLE) return false;
-    if (flags === RING_EVENT_FLAGS_ENABLE) return true;
-    const ev = this.#v.getUint16(this.l.driverEventGpa + PACKED_EVENT_OFF_WRAP, true);
-    return packedNeedEvent(ev, this.usedIdx, this.usedIdx - since, this.usedWrap, this.size);
-  }
-
-  /** Writes the device event suppression structure. */
-  suppress(flags: number, offWrapWord = 0): void {
-    this.#v.setUint16(this.l.deviceEventGpa + PACKED_EVENT_OFF_WRAP, offWrapWord, true);
-    this.#v.setUint16(this.l.deviceEventGpa + PACKED_EVENT_FLAGS, flags, true);
-  }
-}
 
 function rig(size: number, eventIdx = false) {
   const mem = new PlainGuestMemory([{ gpa: 0, size: 0x10000 }]);
@@ -526,66 +396,4 @@ Deno.test("packed driver: raw buffers: flags, ids and AVAIL/USED bits as given",
     slots: 1,
     segs: [{ addr: BUF + 8, len: 3, writable: true }],
   });
-});
-
-Deno.test("packed event queue: a fresh ring's set-up, and the VMM's event injection (qemu) reaped across wraps", () => {
-  const ram = new GuestRam({ regions: [{ gpa: 0, size: 1 << 20 }] });
-  try {
-    const ring = allocDriverRing(ram, (n, a) => ram.alloc(n, a), 2, 4, {
-      packed: true,
-      eventIdx: true,
-    });
-    const q = ring.queue;
-    assert.ok(q.packed);
-    const l = compactPackedRingLayout(4, ring.block);
-    assert.deepEqual(ring.setup, {
-      index: 2,
-      size: 4,
-      packed: true,
-      descGpa: l.descGpa,
-      availGpa: l.driverEventGpa,
-      usedGpa: l.deviceEventGpa,
-      base: PACKED_RING_START_BASE,
-    });
-    const bufs = [0, 1, 2].map(() => ram.alloc(8, 8));
-    const bufOf = new Map<number, number>();
-    const post = (gpa: number) => bufOf.set(q.addBuffer([wr(gpa, 4)]), gpa);
-    bufs.forEach(post);
-    q.publish();
-    let base = ring.setup.base;
-    const events: number[] = [];
-    for (let i = 0; i < 7; i++) {
-      base = qemuInjectEvent(ram, ring.setup, base, 100 + i);
-      q.drainUsed((id, len) => {
-        assert.equal(len, 4);
-        const gpa = bufOf.get(id)!;
-        events.push(new DataView(ram.read(gpa, 4).buffer).getUint32(0, true));
-        post(gpa); // virtio_vsock_event_fill_one: re-post at once
-      });
-      q.publish();
-    }
-    assert.deepEqual(events, [100, 101, 102, 103, 104, 105, 106]);
-    // 7 single-slot buffers: both sides at slot 3 of the second lap (wrap 0)
-    assert.deepEqual(parsePackedRingBase(base), {
-      availIdx: 3,
-      availWrap: 0,
-      usedIdx: 3,
-      usedWrap: 0,
-    });
-    assert.equal(baseUsedIdx(q, base), q.readUsedIdx());
-    assert.equal(baseUsedIdx(q, base), q.lastUsed);
-    assert.equal(q.availIdx, offWrap(2, 1), "three buffers posted ahead");
-    assert.equal(baseAvailIdx(q, base), offWrap(3, 0));
-    // nothing posted: the event is missed, as QEMU reports it
-    const empty = allocDriverRing(ram, (n, a) => ram.alloc(n, a), 2, 4, {
-      packed: true,
-      eventIdx: false,
-    });
-    assert.throws(
-      () => qemuInjectEvent(ram, empty.setup, empty.setup.base, 1),
-      /posted no event buffer/,
-    );
-  } finally {
-    ram.close();
-  }
 });

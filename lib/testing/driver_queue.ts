@@ -12,6 +12,9 @@
  * For fault injection it also writes arbitrary descriptors and avail entries
  * (loops, out-of-range addresses, nested indirect tables) that the free-list
  * logic would never produce.
+ *
+ * `DriverQueue` is what the testing guest's rings need of a driver queue, split
+ * (this class) or packed (`DriverPackedQueue`, driver_packed_queue.ts).
  */
 
 import type { GuestMemory, MemRegion } from "../virtio/memory.ts";
@@ -63,10 +66,63 @@ export interface DriverQueueOptions {
   readonly startIdx?: number;
 }
 
+/**
+ * The driver side of a virtqueue as the guest's rings use it (guest_rings.ts, the bench's
+ * lean_rings.ts), split (`DriverSplitQueue`) or packed (`DriverPackedQueue`). Positions
+ * (`availIdx`, `lastUsed`, `readUsedIdx`) are a split ring's free-running u16 indices, and a
+ * packed ring's off_wrap words (ring offset in bits 0-14, wrap counter in bit 15); in both,
+ * `readUsedIdx() === availIdx` once the device used everything published.
+ */
+export interface DriverQueue {
+  /** VIRTIO_F_RING_PACKED layout */
+  readonly packed: boolean;
+  /** entries */
+  readonly size: number;
+  /** VIRTIO_RING_F_EVENT_IDX negotiated */
+  readonly eventIdx: boolean;
+  /** used elements whose id was not an outstanding buffer (a device bug) */
+  readonly unexpectedUsed: number;
+  /** free descriptors (split: table entries; packed: ring slots) */
+  readonly numFree: number;
+  /** next avail position, including buffers added but not yet published */
+  readonly availIdx: number;
+  /** next used position the driver will reap */
+  readonly lastUsed: number;
+  /**
+   * Adds a buffer of `segments` (readable ones first), unpublished; with `indirectGpa` in an
+   * indirect table written there. Returns its head (split) / buffer id (packed), or -1 when
+   * too few descriptors are free.
+   */
+  addBuffer(segments: readonly DriverSegment[], indirectGpa?: number): number;
+  /** Makes the buffers added so far visible to the device. */
+  publish(): void;
+  /** Whether the device wants a kick for what was published since the last decision. */
+  kickNeeded(): boolean;
+  /** Reaps one used buffer, freeing its descriptors; null if none is pending. */
+  popUsed(): UsedElem | null;
+  /**
+   * Reaps the used buffers like Linux's virtqueue callbacks: callbacks off, every used
+   * buffer into `each`, callbacks on with a re-check. Returns how many were reaped.
+   */
+  drainUsed(each: (head: number, len: number) => void): number;
+  /** Arms used buffer notifications; true if used buffers are already pending. */
+  enableCallbacks(): boolean;
+  /** Suppresses used buffer notifications. */
+  disableCallbacks(): void;
+  /** The device's next used position as the ring shows it (see the interface doc). */
+  readUsedIdx(): number;
+  /**
+   * The vring base a VMM recovers from the rings without GET_VRING_BASE (re-attaching after
+   * a disconnect): the device resumes at its used position.
+   */
+  recoveredBase(): number;
+}
+
 /** Sentinel for "no next free descriptor". */
 const NO_DESC = 0xffff;
 
-export class DriverSplitQueue {
+export class DriverSplitQueue implements DriverQueue {
+  readonly packed = false as const;
   readonly size: number;
   readonly mem: GuestMemory;
   readonly descGpa: number;
@@ -351,6 +407,11 @@ export class DriverSplitQueue {
   readAvailEvent(): number {
     if (this.#availEventWord === null) throw new Error("avail_event exists only with EVENT_IDX");
     return Atomics.load(this.#availEventWord, 0);
+  }
+
+  /** used.idx: a split ring's device resumes with last_avail_idx = used.idx. */
+  recoveredBase(): number {
+    return this.readUsedIdx();
   }
 
   /** Returns the descriptors of the chain at `head` to the free list. */

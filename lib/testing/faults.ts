@@ -12,12 +12,14 @@
  *   then re-check": the device must re-check the avail index after enabling notifications);
  * - `writeRawChain` and the `malformed*` builders: descriptor chains a Linux guest never
  *   writes (addresses outside RAM or >= 2^53, loops, nested or empty indirect tables,
- *   wrong-direction buffers);
+ *   wrong-direction buffers), in the layout of the guest's rings (split or packed; a packed
+ *   ring has no `next` links, so no loops);
  * - `sendRawPacket` / `sendPacketAt`: arbitrary headers (spoofed src_cid, unknown type or op,
  *   len larger than the payload) and packets laid out across adjacent RAM regions;
  * - `disconnect` / `reconnect`: the VMM's vhost-user connection drops and comes back.
  */
 
+import { VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED } from "../virtio/packed_layout.ts";
 import {
   descTableSize,
   VRING_DESC_F_INDIRECT,
@@ -34,6 +36,7 @@ import {
   VSOCK_VQ_TX,
 } from "../vsock/constants.ts";
 import { PacketHeader } from "../vsock/packet.ts";
+import { writePackedDescriptor } from "./driver_packed_queue.ts";
 import { type FrontEndOptions, VhostUserFrontEnd } from "./front_end.ts";
 import { type RawDescriptor, VsockGuest, type VsockGuestOptions } from "./guest_driver.ts";
 
@@ -142,11 +145,20 @@ export class Faults {
 
   /**
    * Overwrites descriptor `index` of `queue`'s table verbatim, e.g. to corrupt a buffer the
-   * driver already posted (the driver's own bookkeeping is not changed).
+   * driver already posted (the driver's own bookkeeping is not changed). On a packed ring
+   * `index` is a ring slot, and the slot keeps its buffer id and AVAIL/USED bits unless
+   * `desc.id` / `desc.availBits` say otherwise.
    */
   writeRawDescriptor(queue: number, index: number, desc: RawDescriptor): void {
-    const next = desc.nextRaw ?? desc.next ?? 0;
-    this.guest.queue(queue).writeDesc(index, desc.addr, desc.len, desc.flags, next);
+    const q = this.guest.queue(queue);
+    if (q.packed) {
+      const bits = desc.availBits ?? q.readDescFlags(index);
+      const availUsed = VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED;
+      const flags = (desc.flags & ~availUsed) | (bits & availUsed);
+      q.writeRawDesc(index, desc.addr, desc.len, desc.id ?? q.readDescId(index), flags);
+      return;
+    }
+    q.writeDesc(index, desc.addr, desc.len, desc.flags, desc.nextRaw ?? desc.next ?? 0);
   }
 
   /** Allocates `size` bytes of guest RAM (zeroed) for raw chains and tables. */
@@ -154,13 +166,19 @@ export class Faults {
     return this.guest.memory.alloc(size, align, region);
   }
 
-  /** Writes descriptors (16 bytes each) at `gpa`, e.g. an indirect table. */
+  /**
+   * Writes descriptors (16 bytes each) at `gpa`, e.g. an indirect table, in the layout of the
+   * guest's rings (packed: `id`, default 0, and the flags verbatim; no `next`).
+   */
   writeDescTable(gpa: number, descs: readonly RawDescriptor[]): void {
     const bytes = new Uint8Array(descTableSize(descs.length));
     const v = new DataView(bytes.buffer);
+    const packed = this.guest.packed;
     descs.forEach((d, i) => {
+      const off = i * VRING_DESC_SIZE;
+      if (packed) return writePackedDescriptor(v, off, d.addr, d.len, d.id ?? 0, d.flags);
       const next = d.nextRaw ?? d.next ?? (i + 1 < descs.length ? i + 1 : 0);
-      writeDescriptor(v, i * VRING_DESC_SIZE, d.addr, d.len, d.flags, next);
+      writeDescriptor(v, off, d.addr, d.len, d.flags, next);
     });
     this.guest.memory.write(gpa, bytes);
   }
@@ -170,8 +188,14 @@ export class Faults {
     return this.writeRawChain(VSOCK_VQ_TX, [{ addr, len: VIRTIO_VSOCK_HDR_SIZE, flags: 0 }]);
   }
 
-  /** A tx chain of two descriptors pointing at each other (a loop). */
+  /**
+   * A tx chain of two descriptors pointing at each other (a loop). Split rings only: packed
+   * descriptors have no `next` link (throws).
+   */
   malformedLoop(): number {
+    if (this.guest.packed) {
+      throw new Error("malformedLoop: a packed ring has no next links, so no loop to write");
+    }
     const hdr = this.#validHeaderBuffer();
     return this.writeRawChain(VSOCK_VQ_TX, [
       { addr: hdr, len: VIRTIO_VSOCK_HDR_SIZE, flags: VRING_DESC_F_NEXT, next: 1 },

@@ -39,9 +39,11 @@ import {
 } from "../vhost_user/protocol.ts";
 import {
   featureMask,
+  VIRTIO_F_RING_PACKED,
   VIRTIO_RING_F_EVENT_IDX,
   VIRTIO_RING_F_INDIRECT_DESC,
 } from "../virtio/features.ts";
+import { isValidPackedQueueSize } from "../virtio/packed_layout.ts";
 import { isValidQueueSize } from "../virtio/split_layout.ts";
 import {
   VIRTIO_VSOCK_CONFIG_SIZE,
@@ -118,6 +120,12 @@ export interface FrontEndOptions extends ClientOptions {
   readonly eventIdx?: boolean;
   /** offer VIRTIO_RING_F_INDIRECT_DESC to the guest when the back end (and VMM) has it (default true) */
   readonly indirectDesc?: boolean;
+  /**
+   * offer VIRTIO_F_RING_PACKED to the guest, like QEMU's `packed=on` device property (default
+   * false); the back end must offer it, else `deviceFeatures()` (the guest's probe) throws.
+   * The testing guest acks it and lays out packed rings.
+   */
+  readonly packed?: boolean;
   /** ack REPLY_ACK when offered (default true) */
   readonly replyAck?: boolean;
   /** protocol features to ack beyond the profile's (if offered), e.g. DEVICE_STATE for qemu */
@@ -151,8 +159,8 @@ export class VhostUserFrontEnd extends VhostUserClient {
   #started = false;
   /** queues whose ring we stopped without the rest of the stop sequence (stopRings) */
   #ringsStopped: Map<number, number> | null = null;
-  /** qemu: the VMM's own view of the event queue (device side) */
-  #eventLastAvail = 0;
+  /** qemu: the VMM's own view of the event queue (device side), as a vring base */
+  #eventBase = 0;
 
   private constructor(sock: number, socketPath: string, opts: FrontEndOptions) {
     const profile = opts.profile ?? "qemu";
@@ -330,11 +338,20 @@ export class VhostUserFrontEnd extends VhostUserClient {
   /**
    * The virtio features the VMM offers the guest: the back end's features filtered by the
    * profile (`QEMU_GUEST_FEATURES`, `CROSVM_GUEST_FEATURES`) and by the eventIdx/indirectDesc
-   * options.
+   * options, plus VIRTIO_F_RING_PACKED with the `packed` option (throws if the back end does
+   * not offer it).
    */
   deviceFeatures(): bigint {
+    const packed = featureMask(VIRTIO_F_RING_PACKED);
+    if (this.#opts.packed && (this.backendFeatures & packed) === 0n) {
+      throw new VhostUserError(
+        "packed: the back end does not offer VIRTIO_F_RING_PACKED (bit 34) in GET_FEATURES " +
+          `(0x${this.backendFeatures.toString(16)}); it cannot run packed virtqueues`,
+      );
+    }
     let f = this.backendFeatures &
-      (this.profile === "qemu" ? QEMU_GUEST_FEATURES : CROSVM_GUEST_FEATURES);
+      ((this.profile === "qemu" ? QEMU_GUEST_FEATURES : CROSVM_GUEST_FEATURES) |
+        (this.#opts.packed ? packed : 0n));
     if (this.#opts.eventIdx === false) f &= ~featureMask(VIRTIO_RING_F_EVENT_IDX);
     if (this.#opts.indirectDesc === false) f &= ~featureMask(VIRTIO_RING_F_INDIRECT_DESC);
     return f;
@@ -371,14 +388,22 @@ export class VhostUserFrontEnd extends VhostUserClient {
   startDevice(driverFeatures: bigint, queues: readonly QueueSetup[], hooks: StartHooks = {}): void {
     this.checkOpen();
     if (this.#started) throw new Error("startDevice: the device is already started");
+    const packed = (driverFeatures & featureMask(VIRTIO_F_RING_PACKED)) !== 0n;
     for (const q of queues) {
-      if (!isValidQueueSize(q.size) || q.size > this.queueSize) {
+      const valid = q.packed ? isValidPackedQueueSize(q.size) : isValidQueueSize(q.size);
+      if (!valid || q.size > this.queueSize) {
         throw new RangeError(`queue ${q.index}: size ${q.size} (the VMM offers ${this.queueSize})`);
+      }
+      if ((q.packed ?? false) !== packed) {
+        throw new RangeError(
+          `queue ${q.index}: ${q.packed ? "packed" : "split"} layout, but VIRTIO_F_RING_PACKED ` +
+            `is ${packed ? "" : "not "}acked`,
+        );
       }
     }
     this.#queues = [...queues].sort((a, b) => a.index - b.index);
     const ev = this.#queues.find((q) => q.index === VSOCK_VQ_EVENT);
-    this.#eventLastAvail = ev?.base ?? 0;
+    this.#eventBase = ev?.base ?? 0;
     const qs = this.#backendQueues();
     if (this.profile === "qemu") qemuStart(this, driverFeatures, qs, hooks, this.#maskedCallFds);
     else crosvmStart(this, driverFeatures, qs, hooks);
@@ -392,7 +417,7 @@ export class VhostUserFrontEnd extends VhostUserClient {
   /**
    * The device stops (driver reset, VM stop, crosvm sleep): the profile's stop sequence.
    * Returns the bases from GET_VRING_BASE, indexed by queue (VMM-owned queues report the
-   * VMM's own next avail index).
+   * VMM's own position: the next avail index, or a packed ring's `packedRingBase`).
    */
   stopDevice(): number[] {
     this.checkOpen();
@@ -402,7 +427,7 @@ export class VhostUserFrontEnd extends VhostUserClient {
     if (this.profile === "qemu") qemuStop(this, qs, bases);
     else crosvmStop(this, qs, bases);
     for (const q of this.#queues) {
-      if (!this.ownsQueue(q.index)) bases[q.index] = this.#eventLastAvail;
+      if (!this.ownsQueue(q.index)) bases[q.index] = this.#eventBase;
     }
     this.#started = false;
     this.#ringsStopped = null;
@@ -471,7 +496,7 @@ export class VhostUserFrontEnd extends VhostUserClient {
     }
     const q = this.#queues.find((x) => x.index === VSOCK_VQ_EVENT);
     if (q === undefined) throw new Error("injectEvent: no event queue was set up");
-    this.#eventLastAvail = qemuInjectEvent(this.memory, q, this.#eventLastAvail, id);
+    this.#eventBase = qemuInjectEvent(this.memory, q, this.#eventBase, id);
     eventFdWrite(this.callFds[VSOCK_VQ_EVENT]);
   }
 

@@ -5,17 +5,18 @@
  * the VMM. This file is the driver's public face and its device life cycle; the work is split
  * by concern:
  *
- * - guest_rings.ts: the three split rings in guest RAM and the rx / tx / event buffers posted
- *   on them and reaped from them (kicks, notification suppression, refill policy);
+ * - guest_rings.ts: the three rings in guest RAM (split, or packed when VIRTIO_F_RING_PACKED
+ *   is acked) and the rx / tx / event buffers posted on them and reaped from them (kicks,
+ *   notification suppression, refill policy);
  * - guest_transport.ts: connections, listeners, credit, SHUTDOWN / RST and TRANSPORT_RESET
  *   handling, as `virtio_transport_common.c` does it (per-connection state in guest_conn.ts);
  * - guest_wait.ts: waiting (`waitFor`), the one poll loop on the call eventfds, timeouts.
  *
  * Probe (like `virtio_vsock_probe`): negotiate features (the offered subset Linux 6.1 knows:
- * VERSION_1, EVENT_IDX, INDIRECT_DESC, VIRTIO_VSOCK_F_SEQPACKET; plus VIRTIO_VSOCK_F_DGRAM, bit
- * 3, as the datagram RFC's driver would, unless `withholdFeatures` says otherwise), read
- * `guest_cid` from the config space, lay out the
- * three split rings (rx 0, tx 1, event 2) in guest RAM, DRIVER_OK (the front end's
+ * VERSION_1, EVENT_IDX, INDIRECT_DESC, RING_PACKED, VIRTIO_VSOCK_F_SEQPACKET; plus
+ * VIRTIO_VSOCK_F_DGRAM, bit 3, as the datagram RFC's driver would, unless `withholdFeatures`
+ * says otherwise), read `guest_cid` from the config space, lay out the three rings (rx 0, tx 1,
+ * event 2; packed when RING_PACKED was offered and acked) in guest RAM, DRIVER_OK (the front end's
  * `startDevice`), then fill the rx queue (one device-writable descriptor of 44 + 4096 bytes per
  * buffer, until the ring is full) and the event queue (8 buffers of 4 bytes), kicking each.
  *
@@ -31,6 +32,7 @@
 
 import {
   featureMask,
+  VIRTIO_F_RING_PACKED,
   VIRTIO_F_VERSION_1,
   VIRTIO_RING_F_EVENT_IDX,
   VIRTIO_RING_F_INDIRECT_DESC,
@@ -43,7 +45,7 @@ import {
   VSOCK_VQ_RX,
 } from "../vsock/constants.ts";
 import { PacketHeader } from "../vsock/packet.ts";
-import type { DriverSplitQueue } from "./driver_queue.ts";
+import type { AnyDriverQueue } from "./driver_rings.ts";
 import type { QueueSetup, VhostUserFrontEnd } from "./front_end.ts";
 import type { GuestRam } from "./guest_ram.ts";
 import {
@@ -109,11 +111,12 @@ export {
 export const LINUX_CLOSE_TIMEOUT_MS = 8000;
 /**
  * Features Linux 6.1's virtio-vsock driver acks that this driver implements: the transport
- * features the virtio core keeps and the driver's feature table (VIRTIO_VSOCK_F_SEQPACKET).
+ * features the virtio core keeps (`vring_transport_features`: RING_PACKED among them) and the
+ * driver's feature table (VIRTIO_VSOCK_F_SEQPACKET).
  */
 export const LINUX_DRIVER_FEATURES: bigint = featureMask(VIRTIO_F_VERSION_1) |
   featureMask(VIRTIO_RING_F_EVENT_IDX) | featureMask(VIRTIO_RING_F_INDIRECT_DESC) |
-  featureMask(VIRTIO_VSOCK_F_SEQPACKET);
+  featureMask(VIRTIO_F_RING_PACKED) | featureMask(VIRTIO_VSOCK_F_SEQPACKET);
 /** What this driver acks when offered: Linux's set plus the datagram RFC's VIRTIO_VSOCK_F_DGRAM. */
 export const GUEST_DRIVER_FEATURES: bigint = LINUX_DRIVER_FEATURES |
   featureMask(VIRTIO_VSOCK_F_DGRAM);
@@ -194,9 +197,17 @@ export class VsockGuest {
     return this.#fe;
   }
 
-  /** The driver side of virtqueue `index` (0 rx, 1 tx, 2 event), for raw access. */
-  queue(index: number): DriverSplitQueue {
+  /**
+   * The driver side of virtqueue `index` (0 rx, 1 tx, 2 event), for raw access: a
+   * `DriverSplitQueue`, or a `DriverPackedQueue` when `packed` (tell them apart by `.packed`).
+   */
+  queue(index: number): AnyDriverQueue {
     return this.#ringsOrThrow().queues[index];
+  }
+
+  /** Whether VIRTIO_F_RING_PACKED was negotiated (the rings are packed). */
+  get packed(): boolean {
+    return this.#ringsOrThrow().packed;
   }
 
   /** The rings as laid out in guest memory. */
@@ -393,7 +404,7 @@ export class VsockGuest {
    * Driver reset, like `rmmod vmw_vsock_virtio_transport; modprobe ...`: connections are
    * dropped (no packets; `closeReason` "driver-reset"), the front end stops the device
    * (GET_VRING_BASE ...), then the driver probes again: features re-negotiated, CID re-read,
-   * new rings at new addresses with base 0, buffers re-posted. Listeners survive.
+   * new rings at new addresses with fresh bases, buffers re-posted. Listeners survive.
    */
   resetDevice(): Promise<void> {
     this.#checkUsable();
@@ -451,13 +462,14 @@ export class VsockGuest {
   /**
    * Re-attaches to a new front end after a disconnect (same guest RAM): the device is started
    * on it with every ring's base at its used index (what a VMM recovers without
-   * GET_VRING_BASE). Connections are kept; what the back end forgot is its business.
+   * GET_VRING_BASE; packed: the used slot and wrap counter for both halves of the base).
+   * Connections are kept; what the back end forgot is its business.
    */
   attach(frontEnd: VhostUserFrontEnd): void {
     this.#checkUsable();
     this.#switchFrontEnd(frontEnd);
     const r = this.#ringsOrThrow();
-    const bases = r.queues.map((q) => q.readUsedIdx());
+    const bases = r.queues.map((q) => q.recoveredBase());
     frontEnd.startDevice(this.features, this.#setupsWithBases(bases));
     this.pump();
   }

@@ -284,7 +284,8 @@ export async function fuzzGuest(
         return [{ addr: pick([2n ** 60n, BigInt(vm.memory.topGpa - 20)]), len: 4096, flags: W }];
       case 5: // read-only (wrong direction)
         return [{ addr: elsewhere, len: 4096, flags: 0 }];
-      case 6: // a loop
+      case 6: // a loop (split rings; a packed ring has no next links)
+        if (vm.guest.packed) return [{ addr: elsewhere, len: 0, flags: W }];
         return [{ addr: elsewhere, len: 8, flags: W | VRING_DESC_F_NEXT, next: 0 }];
       default: // an ordinary buffer
         return [{ addr: elsewhere, len: 4096 + 44, flags: W }];
@@ -333,7 +334,7 @@ export async function fuzzGuest(
         pick([
           () => f.malformedOutOfRange(),
           () => f.malformedOutOfRange(BigInt(vm.memory.topGpa - int(1, 43))),
-          () => f.malformedLoop(),
+          () => vm.guest.packed ? f.malformedEmptyIndirect() : f.malformedLoop(),
           () => f.malformedNestedIndirect(),
           () => f.malformedEmptyIndirect(),
           () => f.malformedWriteOnlyTx(),

@@ -1,8 +1,8 @@
 /**
  * The virtqueues of the testing guest driver (`VsockGuest`), like Linux's
- * `net/vmw_vsock/virtio_transport.c` (the virtqueue side of virtio-vsock): the three split
- * rings (rx 0, tx 1, event 2) laid out in guest RAM, and the buffers posted on them and reaped
- * from them.
+ * `net/vmw_vsock/virtio_transport.c` (the virtqueue side of virtio-vsock): the three rings
+ * (rx 0, tx 1, event 2) laid out in guest RAM, split or (VIRTIO_F_RING_PACKED acked) packed
+ * (driver_rings.ts), and the buffers posted on them and reaped from them.
  *
  * - rx: one device-writable descriptor of 44 + 4096 bytes per buffer (`rxBufSize`), posted
  *   until the ring is full (`virtio_vsock_rx_fill`); reaped buffers go back to the free list and
@@ -14,7 +14,8 @@
  * - event: 8 buffers of 4 bytes, re-posted as soon as they are reaped
  *   (`virtio_vsock_event_fill_one`).
  * - notifications: kicks follow `virtqueue_kick_prepare` (VRING_USED_F_NO_NOTIFY, or
- *   avail_event with EVENT_IDX); used rings are drained with callbacks disabled and then
+ *   avail_event with EVENT_IDX; packed: the device event suppression structure); used rings
+ *   are drained with callbacks disabled and then
  *   re-enabled with a re-check (`virtqueue_enable_cb`), so no interrupt is needed for work that
  *   raced the re-enable.
  *
@@ -22,17 +23,7 @@
  * `rawUsed` instead of being dispatched.
  */
 
-import {
-  featureMask,
-  VIRTIO_RING_F_EVENT_IDX,
-  VIRTIO_RING_F_INDIRECT_DESC,
-} from "../virtio/features.ts";
-import {
-  compactRingLayout,
-  descTableSize,
-  VRING_DESC_NEXT,
-  VRING_DESC_SIZE,
-} from "../virtio/split_layout.ts";
+import { descTableSize, VRING_DESC_NEXT, VRING_DESC_SIZE } from "../virtio/split_layout.ts";
 import {
   VIRTIO_VSOCK_EVENT_SIZE,
   VIRTIO_VSOCK_EVENT_TRANSPORT_RESET,
@@ -43,7 +34,12 @@ import {
   VSOCK_VQ_TX,
 } from "../vsock/constants.ts";
 import type { PacketHeader } from "../vsock/packet.ts";
-import { DriverSplitQueue } from "./driver_queue.ts";
+import {
+  allocDriverRing,
+  type AnyDriverQueue,
+  describePosition,
+  ringFeatures,
+} from "./driver_rings.ts";
 import type { QueueSetup } from "./front_end.ts";
 import { GuestConnError } from "./guest_conn.ts";
 import type { GuestStats, RawDescriptor, RawUsed, VsockGuestOptions } from "./guest_types.ts";
@@ -101,13 +97,14 @@ export class GuestRings {
 
   private constructor(
     readonly ctx: RingContext,
-    readonly queues: DriverSplitQueue[],
+    readonly queues: AnyDriverQueue[],
     readonly setups: QueueSetup[],
     readonly blocks: number[],
     readonly rxBufs: RxBuf[],
     readonly tx: TxSlot[],
     readonly evBufs: RxBuf[],
     readonly indirect: boolean,
+    readonly packed: boolean,
   ) {
     const size = setups[0].size;
     this.rxHead = new Int32Array(size).fill(-1);
@@ -121,8 +118,7 @@ export class GuestRings {
   static alloc(ctx: RingContext, size: number, features: bigint): GuestRings {
     const m = ctx.memory;
     const opts = ctx.opts;
-    const eventIdx = (features & featureMask(VIRTIO_RING_F_EVENT_IDX)) !== 0n;
-    const indirect = (features & featureMask(VIRTIO_RING_F_INDIRECT_DESC)) !== 0n;
+    const rf = ringFeatures(features);
     const blocks: number[] = [];
     const alloc = (n: number, align: number) => {
       const g = m.alloc(n, align);
@@ -130,21 +126,12 @@ export class GuestRings {
       return g;
     };
     try {
-      const queues: DriverSplitQueue[] = [];
+      const queues: AnyDriverQueue[] = [];
       const setups: QueueSetup[] = [];
       for (let i = 0; i < VSOCK_VQ_COUNT; i++) {
-        const probe = compactRingLayout(size, 0, true);
-        const base = alloc(probe.end, 4096);
-        const l = compactRingLayout(size, base, true);
-        queues.push(new DriverSplitQueue(m, size, l.descGpa, l.availGpa, l.usedGpa, { eventIdx }));
-        setups.push({
-          index: i,
-          size,
-          descGpa: l.descGpa,
-          availGpa: l.availGpa,
-          usedGpa: l.usedGpa,
-          base: 0,
-        });
+        const ring = allocDriverRing(m, alloc, i, size, rf);
+        queues.push(ring.queue);
+        setups.push(ring.setup);
       }
       const rxBufSize = opts.rxBufSize ?? LINUX_RX_BUF_SIZE;
       const rxCount = Math.min(opts.rxBuffers ?? size, size);
@@ -178,7 +165,17 @@ export class GuestRings {
       for (let i = 0; i < (opts.eventBuffers ?? LINUX_EVENT_BUFFERS); i++) {
         evBufs.push(buf(m, alloc(8, 8), VIRTIO_VSOCK_EVENT_SIZE));
       }
-      return new GuestRings(ctx, queues, setups, blocks, rxBufs, tx, evBufs, indirect);
+      return new GuestRings(
+        ctx,
+        queues,
+        setups,
+        blocks,
+        rxBufs,
+        tx,
+        evBufs,
+        rf.indirect,
+        rf.packed,
+      );
     } catch (e) {
       for (const b of blocks) m.free(b);
       throw e;
@@ -367,12 +364,19 @@ export class GuestRings {
 
   /**
    * Puts a chain of raw descriptors on queue `index` (unpublished): the descriptor table slots
-   * are reserved through the free list, then overwritten verbatim. Returns the head.
+   * (packed: a buffer id and ring slots) are reserved through the free list, then overwritten
+   * verbatim. Returns the head (packed: the buffer id).
    */
   addRawChain(index: number, descs: readonly RawDescriptor[]): number {
     const q = this.queues[index];
     if (q === undefined) throw new RangeError(`no queue ${index}`);
     if (descs.length === 0) throw new RangeError("a raw chain needs at least one descriptor");
+    if (q.packed) {
+      const id = q.addRawBuffer(descs);
+      if (id < 0) throw new GuestConnError(`queue ${index}: ${descs.length} descriptors not free`);
+      this.ctx.rawHeads[index].add(id);
+      return id;
+    }
     const placeholder = descs.map(() => ({ gpa: 0, len: 0, writable: false }));
     const head = q.addBuffer(placeholder);
     if (head < 0) throw new GuestConnError(`queue ${index}: ${descs.length} descriptors not free`);
@@ -398,8 +402,10 @@ export class GuestRings {
     const names = ["rx", "tx", "event"];
     for (let i = 0; i < VSOCK_VQ_COUNT; i++) {
       const q = this.queues[i];
+      const at = (pos: number) => describePosition(q, pos);
       lines.push(
-        `  ${names[i]}: avail ${q.availIdx} used ${q.readUsedIdx()} reaped ${q.lastUsed} ` +
+        `  ${names[i]}: avail ${at(q.availIdx)} used ${at(q.readUsedIdx())} ` +
+          `reaped ${at(q.lastUsed)} ` +
           `free descs ${q.numFree} kicks ${stats.kicks[i]} interrupts ${stats.interrupts[i]}`,
       );
     }

@@ -103,17 +103,28 @@ export function newGuestStats(): GuestStats {
   };
 }
 
-/** One descriptor of a raw chain (`VsockGuest.addRawChain`). */
+/**
+ * One descriptor of a raw chain (`VsockGuest.addRawChain`). On a packed ring the chain takes
+ * consecutive ring slots (there is no `next`: a descriptor continues into the following slot
+ * when it has NEXT) and every descriptor carries the reserved buffer id.
+ */
 export interface RawDescriptor {
   /** guest-physical address; a bigint may exceed 2^53 */
   readonly addr: number | bigint;
   readonly len: number;
-  /** VRING_DESC_F_* bits, written verbatim (set NEXT yourself) */
+  /**
+   * VRING_DESC_F_* bits (the same values as VIRTQ_DESC_F_*), written verbatim (set NEXT
+   * yourself); on a packed ring the AVAIL/USED bits come from `availBits`
+   */
   readonly flags: number;
-  /** `next` as a position in this list (default: the following one, 0 for the last) */
+  /** split: `next` as a position in this list (default: the following one, 0 for the last) */
   readonly next?: number;
-  /** `next` as an absolute descriptor-table index (overrides `next`) */
+  /** split: `next` as an absolute descriptor-table index (overrides `next`) */
   readonly nextRaw?: number;
+  /** packed: the buffer id to write instead of the reserved one */
+  readonly id?: number;
+  /** packed: AVAIL/USED bits instead of those that make the descriptor available */
+  readonly availBits?: number;
 }
 
 /** What the device did with a raw chain. */

@@ -58,7 +58,10 @@ export * from "./guest_ram.ts";
 export * from "./host.ts";
 export * from "./timeout.ts";
 export { DriverSplitQueue } from "./driver_queue.ts";
-export type { DriverQueueOptions, DriverSegment, UsedElem } from "./driver_queue.ts";
+export type { DriverQueue, DriverQueueOptions, DriverSegment, UsedElem } from "./driver_queue.ts";
+export { DriverPackedQueue, PACKED_RING_START_BASE } from "./driver_packed_queue.ts";
+export type { DriverPackedQueueOptions, PackedRawDesc } from "./driver_packed_queue.ts";
+export { type AnyDriverQueue, baseAvailIdx, baseUsedIdx } from "./driver_rings.ts";
 export { PacketHeader } from "../vsock/packet.ts";
 export * from "../vsock/constants.ts";
 

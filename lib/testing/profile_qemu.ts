@@ -53,10 +53,25 @@ import {
   VRING_USED_IDX,
 } from "../virtio/split_layout.ts";
 import {
+  isAvailable,
+  PACKED_DESC_ADDR,
+  PACKED_DESC_FLAGS,
+  PACKED_DESC_ID,
+  PACKED_DESC_LEN,
+  PACKED_DESC_SIZE,
+  packedRingBase,
+  parsePackedRingBase,
+  usedFlags,
+  VIRTQ_DESC_F_INDIRECT,
+  VIRTQ_DESC_F_NEXT,
+  VIRTQ_DESC_F_WRITE,
+} from "../virtio/packed_layout.ts";
+import {
   VIRTIO_VSOCK_CONFIG_SIZE,
   VIRTIO_VSOCK_EVENT_SIZE,
   VIRTIO_VSOCK_F_SEQPACKET,
 } from "../vsock/constants.ts";
+import { writePackedDescriptor } from "./driver_packed_queue.ts";
 import type { GuestRam } from "./guest_ram.ts";
 import { VhostUserError } from "./vhost_user_channel.ts";
 import type { VhostUserClient } from "./vhost_user_client.ts";
@@ -235,11 +250,13 @@ function qemuUnmask(c: VhostUserClient, index: number, maskedCallFds: readonly n
 /**
  * QEMU's event injection (the VMM owns the event queue `q`): takes the next available event
  * buffer as the device (`lastAvail` is the VMM's next avail index), writes `{le32 id}`, puts
- * it on the used ring. Returns the new next avail index; the caller then interrupts the
+ * it on the used ring. Returns the new next avail index (for a packed ring, `lastAvail` and
+ * the result are vring bases, see `qemuInjectEventPacked`); the caller then interrupts the
  * guest. Throws if the guest posted no buffer, like QEMU's "vhost-vsock missed transport
  * reset event".
  */
 export function qemuInjectEvent(m: GuestRam, q: QueueSetup, lastAvail: number, id: number): number {
+  if (q.packed) return qemuInjectEventPacked(m, q, lastAvail, id);
   const availIdx = readU16(m, q.availGpa + VRING_AVAIL_IDX);
   if (availIdx === lastAvail) {
     throw new VhostUserError("injectEvent: the guest posted no event buffer (event missed)");
@@ -269,6 +286,48 @@ export function qemuInjectEvent(m: GuestRam, q: QueueSetup, lastAvail: number, i
   new DataView(idx.buffer).setUint16(0, (usedIdx + 1) & 0xffff, true);
   m.write(q.usedGpa + VRING_USED_IDX, idx);
   return (lastAvail + 1) & 0xffff;
+}
+
+/**
+ * `qemuInjectEvent` on a packed event queue: `base` is the VMM's `packedRingBase` of the queue;
+ * the buffer at the next avail slot must be available for the avail wrap counter; the used
+ * descriptor (id, length 4, WRITE and the used wrap counter's AVAIL/USED bits, flags last)
+ * goes to the next used slot. Returns the new base.
+ */
+function qemuInjectEventPacked(m: GuestRam, q: QueueSetup, base: number, id: number): number {
+  const b = parsePackedRingBase(base);
+  const dv = new DataView(
+    m.read(q.descGpa + b.availIdx * PACKED_DESC_SIZE, PACKED_DESC_SIZE).buffer,
+  );
+  const flags = dv.getUint16(PACKED_DESC_FLAGS, true);
+  if (!isAvailable(flags, b.availWrap)) {
+    throw new VhostUserError("injectEvent: the guest posted no event buffer (event missed)");
+  }
+  const bufId = dv.getUint16(PACKED_DESC_ID, true);
+  const addr = dv.getUint32(PACKED_DESC_ADDR, true) +
+    dv.getUint32(PACKED_DESC_ADDR + 4, true) * 2 ** 32;
+  const len = dv.getUint32(PACKED_DESC_LEN, true);
+  const single = (flags & (VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT)) === 0;
+  if (!single || len < VIRTIO_VSOCK_EVENT_SIZE || (flags & VIRTQ_DESC_F_WRITE) === 0) {
+    throw new VhostUserError(`injectEvent: event buffer ${bufId} is not a writable 4-byte buffer`);
+  }
+  const ev = new Uint8Array(VIRTIO_VSOCK_EVENT_SIZE);
+  new DataView(ev.buffer).setUint32(0, id, true);
+  m.write(addr, ev);
+  const used = m.bytesAt(q.descGpa + b.usedIdx * PACKED_DESC_SIZE, PACKED_DESC_SIZE);
+  writePackedDescriptor(
+    new DataView(used.buffer, used.byteOffset, PACKED_DESC_SIZE),
+    0,
+    0,
+    VIRTIO_VSOCK_EVENT_SIZE,
+    bufId,
+    usedFlags(b.usedWrap) | VIRTQ_DESC_F_WRITE,
+  );
+  const next = (idx: number, wrap: number) =>
+    idx + 1 === q.size ? { idx: 0, wrap: wrap ^ 1 } : { idx: idx + 1, wrap };
+  const a = next(b.availIdx, b.availWrap);
+  const u = next(b.usedIdx, b.usedWrap);
+  return packedRingBase({ availIdx: a.idx, availWrap: a.wrap, usedIdx: u.idx, usedWrap: u.wrap });
 }
 
 function readU16(m: GuestRam, gpa: number): number {

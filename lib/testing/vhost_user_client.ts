@@ -47,6 +47,7 @@ import {
   VhostUserProtocolFeatureMask as PF,
   VhostUserRequest as R,
 } from "../vhost_user/protocol.ts";
+import { PACKED_EVENT_SIZE, packedDescRingSize } from "../virtio/packed_layout.ts";
 import { availRingSize, descTableSize, usedRingSize } from "../virtio/split_layout.ts";
 import { VSOCK_VQ_COUNT } from "../vsock/constants.ts";
 import { createDirtyLog, type DirtyLog } from "./dirty_log.ts";
@@ -350,16 +351,26 @@ export class VhostUserClient {
    */
   setVringAddr(
     index: number,
-    ring: { descGpa: number; availGpa: number; usedGpa: number; size: number },
+    ring: { descGpa: number; availGpa: number; usedGpa: number; size: number; packed?: boolean },
     opts: SendOptions & { log?: boolean } = {},
   ): void {
     const m = this.memory;
+    const packed = ring.packed ?? false;
     this.setVringAddrRaw({
       index,
       flags: opts.log ? 1 << VHOST_VRING_F_LOG : 0,
-      descUser: m.gpaToUser(ring.descGpa, descTableSize(ring.size)),
-      availUser: m.gpaToUser(ring.availGpa, availRingSize(ring.size, false)),
-      usedUser: m.gpaToUser(ring.usedGpa, usedRingSize(ring.size, false)),
+      descUser: m.gpaToUser(
+        ring.descGpa,
+        packed ? packedDescRingSize(ring.size) : descTableSize(ring.size),
+      ),
+      availUser: m.gpaToUser(
+        ring.availGpa,
+        packed ? PACKED_EVENT_SIZE : availRingSize(ring.size, false),
+      ),
+      usedUser: m.gpaToUser(
+        ring.usedGpa,
+        packed ? PACKED_EVENT_SIZE : usedRingSize(ring.size, false),
+      ),
       logGuestAddr: opts.log ? BigInt(ring.usedGpa) : 0n,
     }, opts);
   }

@@ -7,16 +7,28 @@
 /** Which VMM the front end imitates. */
 export type FrontEndProfile = "qemu" | "crosvm";
 
-/** A virtqueue as the driver laid it out in guest memory. */
+/**
+ * A virtqueue as the driver laid it out in guest memory. For a packed ring (`packed`,
+ * VIRTIO_F_RING_PACKED) the three addresses are the descriptor ring, the driver event
+ * suppression area and the device event suppression area, as SET_VRING_ADDR carries them.
+ */
 export interface QueueSetup {
   /** virtqueue index: 0 rx, 1 tx, 2 event */
   readonly index: number;
-  /** entries (a power of 2) */
+  /** entries (split: a power of 2; packed: 1..32768) */
   readonly size: number;
+  /** packed layout (default false: split) */
+  readonly packed?: boolean;
+  /** descriptor table / ring */
   readonly descGpa: number;
+  /** available ring / driver event suppression */
   readonly availGpa: number;
+  /** used ring / device event suppression */
   readonly usedGpa: number;
-  /** next available index the device should process (SET_VRING_BASE) */
+  /**
+   * SET_VRING_BASE: split, the next available index the device should process; packed,
+   * `packedRingBase` of the next avail and used indices and wrap counters
+   */
   readonly base: number;
 }
 

@@ -71,6 +71,8 @@ const USAGE = `usage: deno task bench [options]
   --queue-size N       virtqueue size the guest uses (default 256)
   --buf-alloc N        guest per-connection buf_alloc (default 262144, Linux's)
   --profile P          front-end profile qemu|crosvm (default qemu)
+  --packed             packed virtqueues (VIRTIO_F_RING_PACKED): the VMM offers it, the guests
+                       ack it (every back end under test must offer it)
   --cid N              guest CID (default 3)
   --guest-verify M     host->guest checks in the guest: none|sample|full (default sample;
                        quick: full)
@@ -97,6 +99,7 @@ const { values: flags } = parseArgs({
     "queue-size": { type: "string", default: "256" },
     "buf-alloc": { type: "string", default: String(256 * 1024) },
     profile: { type: "string", default: "qemu" },
+    packed: { type: "boolean", default: false },
     cid: { type: "string", default: "3" },
     "guest-verify": { type: "string" },
     skip: { type: "string", default: "" },
@@ -265,6 +268,7 @@ async function startRig(b: BackendSpec, rxBufSize: number, profile = flags.profi
     flags["buf-alloc"],
     "--stall-ms",
     String(quick ? 10000 : 20000),
+    ...(flags.packed ? ["--packed"] : []),
   ]);
   try {
     await guest.unsolicited("booted", 30000);
@@ -508,9 +512,11 @@ async function main(): Promise<number> {
     }% idle; load average at start ${uptimeAtStart.map((x) => x.toFixed(2)).join(" ")}, at end ${
       Deno.loadavg().map((x) => x.toFixed(2)).join(" ")
     }`,
-    `guest: ${flags.profile} profile, queue ${flags["queue-size"]}, buf_alloc ${
-      flags["buf-alloc"]
-    }, rx buffers ${rxBufs.join(" / ")} + 44 bytes; streams ${durationMs} ms, ${repeat} ` +
+    `guest: ${flags.profile} profile, ${flags.packed ? "packed" : "split"} rings, queue ${
+      flags["queue-size"]
+    }, buf_alloc ${flags["buf-alloc"]}, rx buffers ${
+      rxBufs.join(" / ")
+    } + 44 bytes; streams ${durationMs} ms, ${repeat} ` +
     `round(s), medians; the host checks ${hostVerify}, the guest ${guestVerify}`,
   ];
   // The streams themselves keep every CPU busy: other work shows in the load average.
@@ -565,6 +571,7 @@ async function main(): Promise<number> {
         queueSize: Number(flags["queue-size"]),
         bufAlloc: Number(flags["buf-alloc"]),
         profile: flags.profile,
+        packed: flags.packed,
         fairMs,
         fairProfile: FAIR_PROFILE,
         hostVerify,

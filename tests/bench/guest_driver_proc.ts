@@ -4,7 +4,10 @@
  * JSON lines (control.ts).
  *
  * Usage: deno run -A guest_driver_proc.ts --socket PATH [--queue-size 256] [--rx-buf-size 4096]
- *        [--buf-alloc 262144] [--ram-mib 64] [--profile qemu] [--stall-ms 10000]
+ *        [--buf-alloc 262144] [--ram-mib 64] [--profile qemu] [--stall-ms 10000] [--packed]
+ *
+ * `--packed`: the VMM offers VIRTIO_F_RING_PACKED and the guest lays out packed rings (the
+ * back end must offer the feature, else the boot fails saying so).
  *
  * It costs about what a kernel driver costs: payload is sent by reference from a pool in guest
  * RAM filled once (no copy per packet), received payload is checked in place by samples (or
@@ -50,6 +53,7 @@ const { values: args } = parseArgs({
     "buf-alloc": { type: "string", default: String(256 * 1024) },
     "ram-mib": { type: "string", default: "64" },
     "stall-ms": { type: "string", default: "10000" },
+    packed: { type: "boolean", default: false },
   },
 });
 if (args.socket === undefined) throw new Error("--socket is required");
@@ -63,6 +67,7 @@ const g = await LeanGuest.boot(args.socket, {
   bufAlloc: Number(args["buf-alloc"]),
   ramMiB: Number(args["ram-mib"]),
   pool: pattern,
+  packed: args.packed,
 });
 
 /** Epoch milliseconds with sub-ms resolution, comparable across the bench processes. */
@@ -566,6 +571,7 @@ sendLine({
   rxBuffers: g.rings.rxBytes.length,
   bufAlloc: g.bufAlloc,
   indirect: g.rings.indirect,
+  packed: g.rings.queues[0].packed,
   features: g.features.toString(16),
 });
 

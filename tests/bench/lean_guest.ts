@@ -4,9 +4,9 @@
  * `virtio_transport_common.c` for stream sockets over the `lib/testing` VMM front end
  * (`VhostUserFrontEnd`, which speaks vhost-user to the back end) and guest RAM:
  *
- * - probe: the features Linux keeps (VERSION_1, EVENT_IDX, INDIRECT_DESC; DGRAM when offered),
- *   guest_cid from the config space, rings and buffers laid out by lean_rings.ts, DRIVER_OK, rx and event queues
- *   filled;
+ * - probe: the features Linux keeps (VERSION_1, EVENT_IDX, INDIRECT_DESC, RING_PACKED when the
+ *   VMM offers it: `packed`; DGRAM when offered), guest_cid from the config space, rings and
+ *   buffers laid out by lean_rings.ts, DRIVER_OK, rx and event queues filled;
  * - zero-copy tx: RW payload is referenced from the payload pool in guest RAM (`sendPool`);
  *   only payload that is not there (echo replies) is copied into the tx slot (`sendCopy`);
  * - rx: each RW payload is handed to the connection's `onData` as a view of the rx buffer
@@ -32,12 +32,9 @@
 import { sys } from "../../ffi/libc.ts";
 import { POLLERR, POLLHUP, POLLIN } from "../../ffi/mod.ts";
 import { type FrontEndProfile, VhostUserFrontEnd } from "../../lib/testing/front_end.ts";
+import { ringFeatures } from "../../lib/testing/driver_rings.ts";
 import { GUEST_DRIVER_FEATURES } from "../../lib/testing/guest_driver.ts";
-import {
-  featureMask,
-  VIRTIO_RING_F_EVENT_IDX,
-  VIRTIO_RING_F_INDIRECT_DESC,
-} from "../../lib/virtio/features.ts";
+import { featureMask } from "../../lib/virtio/features.ts";
 import {
   MAX_PKT_PAYLOAD,
   VIRTIO_VSOCK_EVENT_TRANSPORT_RESET,
@@ -133,6 +130,8 @@ export interface LeanGuestOptions {
   readonly ramMiB: number;
   /** the payload pool's content (copied into guest RAM once) */
   readonly pool: Uint8Array;
+  /** packed virtqueues: the VMM offers VIRTIO_F_RING_PACKED, the back end must have it */
+  readonly packed?: boolean;
 }
 
 /** Counters. */
@@ -199,11 +198,11 @@ export class LeanGuest {
       profile: o.profile,
       queueSize: o.queueSize,
       regions: [{ gpa: 0, size: o.ramMiB * 1024 * 1024 }],
+      packed: o.packed ?? false,
     });
     const features = fe.deviceFeatures() & GUEST_DRIVER_FEATURES;
     const rings = new LeanRings(fe.memory, o.queueSize, {
-      eventIdx: (features & featureMask(VIRTIO_RING_F_EVENT_IDX)) !== 0n,
-      indirect: (features & featureMask(VIRTIO_RING_F_INDIRECT_DESC)) !== 0n,
+      ...ringFeatures(features),
       rxBufSize: o.rxBufSize,
       pool: o.pool,
     });

@@ -1,7 +1,9 @@
 /**
  * The virtqueues of the benchmark's guest (lean_guest.ts), laid out like Linux's
  * `net/vmw_vsock/virtio_transport.c` does it, but with the payload never copied by the guest,
- * the way a kernel driver hands the device pages it already has:
+ * the way a kernel driver hands the device pages it already has. The rings are split, or packed
+ * when VIRTIO_F_RING_PACKED was acked (the bench's `--packed`), both laid out by
+ * `lib/testing/driver_rings.ts`:
  *
  * - a **payload pool** (`pool`, at `poolGpa`): the benchmark pattern (pattern.ts), written into
  *   guest RAM once at boot. An RW packet's payload descriptor points into it at the stream's
@@ -16,13 +18,14 @@
  * - **event buffers**: 8 of 4 bytes, re-posted at once.
  *
  * Used rings are drained with callbacks disabled, then re-enabled with a re-check
- * (`virtqueue_enable_cb`); kicks follow `virtqueue_kick_prepare` (both in `DriverSplitQueue`).
+ * (`virtqueue_enable_cb`); kicks follow `virtqueue_kick_prepare` (both in `DriverSplitQueue` /
+ * `DriverPackedQueue`, which allocate nothing per packet).
  */
 
-import { type DriverSegment, DriverSplitQueue } from "../../lib/testing/driver_queue.ts";
+import type { DriverQueue, DriverSegment } from "../../lib/testing/driver_queue.ts";
+import { allocDriverRing, describePosition } from "../../lib/testing/driver_rings.ts";
 import type { QueueSetup } from "../../lib/testing/front_end.ts";
 import type { GuestRam } from "../../lib/testing/guest_ram.ts";
-import { compactRingLayout } from "../../lib/virtio/split_layout.ts";
 import {
   VIRTIO_VSOCK_EVENT_SIZE,
   VIRTIO_VSOCK_HDR_SIZE,
@@ -56,7 +59,7 @@ interface TxSlot {
 
 /** The rings, the payload pool and every buffer, in guest RAM. */
 export class LeanRings {
-  readonly queues: DriverSplitQueue[] = [];
+  readonly queues: DriverQueue[] = [];
   readonly setups: QueueSetup[] = [];
   readonly indirect: boolean;
   /** the payload pool as the guest sees it */
@@ -81,26 +84,21 @@ export class LeanRings {
   constructor(
     mem: GuestRam,
     size: number,
-    opts: { eventIdx: boolean; indirect: boolean; rxBufSize: number; pool: Uint8Array },
+    opts: {
+      packed: boolean;
+      eventIdx: boolean;
+      indirect: boolean;
+      rxBufSize: number;
+      pool: Uint8Array;
+    },
   ) {
     this.indirect = opts.indirect;
     this.rxBufSize = opts.rxBufSize;
+    const alloc = (bytes: number, align: number) => mem.alloc(bytes, align);
     for (let i = 0; i < VSOCK_VQ_COUNT; i++) {
-      const probe = compactRingLayout(size, 0, true);
-      const l = compactRingLayout(size, mem.alloc(probe.end, 4096), true);
-      this.queues.push(
-        new DriverSplitQueue(mem, size, l.descGpa, l.availGpa, l.usedGpa, {
-          eventIdx: opts.eventIdx,
-        }),
-      );
-      this.setups.push({
-        index: i,
-        size,
-        descGpa: l.descGpa,
-        availGpa: l.availGpa,
-        usedGpa: l.usedGpa,
-        base: 0,
-      });
+      const ring = allocDriverRing(mem, alloc, i, size, opts);
+      this.queues.push(ring.queue);
+      this.setups.push(ring.setup);
     }
     this.#rxOf = new Int32Array(size).fill(-1);
     this.#txOf = new Int32Array(size).fill(-1);
@@ -267,7 +265,7 @@ export class LeanRings {
     }
   }
 
-  /** Drains a used ring (`DriverSplitQueue.drainUsed`), ignoring out-of-range heads. */
+  /** Drains a used ring (`DriverQueue.drainUsed`), ignoring out-of-range heads. */
   #drain(index: number, each: (head: number, len: number) => void): number {
     const q = this.queues[index];
     return q.drainUsed((head, len) => {
@@ -278,9 +276,10 @@ export class LeanRings {
   /** One line per queue (for stall messages). */
   describe(): string {
     const names = ["rx", "tx", "event"];
-    return this.queues.map((q, i) =>
-      `${names[i]}: avail ${q.availIdx} used ${q.readUsedIdx()} reaped ${q.lastUsed} ` +
-      `free descs ${q.numFree}`
-    ).join("; ") + `; rx posted ${this.rxPosted}, tx slots free ${this.#txFree.length}`;
+    return this.queues.map((q, i) => {
+      const at = (pos: number) => describePosition(q, pos);
+      return `${names[i]}: avail ${at(q.availIdx)} used ${at(q.readUsedIdx())} ` +
+        `reaped ${at(q.lastUsed)} free descs ${q.numFree}`;
+    }).join("; ") + `; rx posted ${this.rxPosted}, tx slots free ${this.#txFree.length}`;
   }
 }

@@ -57,6 +57,8 @@ import {
   VIRTQ_DESC_F_NEXT,
   VIRTQ_DESC_F_USED,
   VIRTQ_DESC_F_WRITE,
+  writePackedAddrLen,
+  writePackedDescriptor,
 } from "../virtio/packed_layout.ts";
 import type { DriverQueue, DriverSegment, UsedElem } from "./driver_queue.ts";
 
@@ -84,31 +86,6 @@ export interface PackedRawDesc {
   readonly id?: number;
   /** AVAIL/USED bits to write instead of those of the driver's wrap counter */
   readonly availBits?: number;
-}
-
-/**
- * Writes one packed descriptor at byte `off` of `view` (little endian); `addr` may be a bigint
- * >= 2^53 and is truncated to 64 bits, `len` to 32, `id` and `flags` to 16. Flags go last.
- */
-export function writePackedDescriptor(
-  view: DataView,
-  off: number,
-  addr: number | bigint,
-  len: number,
-  id: number,
-  flags: number,
-): void {
-  writeAddrLen(view, off, addr, len);
-  view.setUint16(off + PACKED_DESC_ID, id & 0xffff, true);
-  view.setUint16(off + PACKED_DESC_FLAGS, flags & 0xffff, true);
-}
-
-/** Writes a descriptor's addr (truncated to 64 bits) and len (to 32). */
-function writeAddrLen(view: DataView, off: number, addr: number | bigint, len: number): void {
-  const a = BigInt.asUintN(64, BigInt(addr));
-  view.setUint32(off + PACKED_DESC_ADDR, Number(a & 0xffff_ffffn), true);
-  view.setUint32(off + PACKED_DESC_ADDR + 4, Number(a >> 32n), true);
-  view.setUint32(off + PACKED_DESC_LEN, len >>> 0, true);
 }
 
 /** Sentinel for "no free buffer id". */
@@ -370,7 +347,7 @@ export class DriverPackedQueue implements DriverQueue {
       const bits = d.availBits ?? availFlags(this.#availWrap);
       const slot = this.#nextAvail;
       const f = (d.flags & ~AVAIL_USED) | (bits & AVAIL_USED);
-      writeAddrLen(this.#view, slot * PACKED_DESC_SIZE, d.addr, d.len);
+      writePackedAddrLen(this.#view, slot * PACKED_DESC_SIZE, d.addr, d.len);
       this.#put(null, 0, d.id ?? id, f);
     }
     return id;

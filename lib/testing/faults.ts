@@ -36,7 +36,7 @@ import {
   VSOCK_VQ_TX,
 } from "../vsock/constants.ts";
 import { PacketHeader } from "../vsock/packet.ts";
-import { writePackedDescriptor } from "./driver_packed_queue.ts";
+import { writePackedDescriptor } from "../virtio/packed_layout.ts";
 import { type FrontEndOptions, VhostUserFrontEnd } from "./front_end.ts";
 import { type RawDescriptor, VsockGuest, type VsockGuestOptions } from "./guest_driver.ts";
 

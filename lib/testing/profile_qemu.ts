@@ -71,7 +71,7 @@ import {
   VIRTIO_VSOCK_EVENT_SIZE,
   VIRTIO_VSOCK_F_SEQPACKET,
 } from "../vsock/constants.ts";
-import { writePackedDescriptor } from "./driver_packed_queue.ts";
+import { writePackedDescriptor } from "../virtio/packed_layout.ts";
 import type { GuestRam } from "./guest_ram.ts";
 import { VhostUserError } from "./vhost_user_channel.ts";
 import type { VhostUserClient } from "./vhost_user_client.ts";

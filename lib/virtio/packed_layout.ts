@@ -71,6 +71,36 @@ export const PACKED_WRAP_BIT = 0x8000;
 /** Bits 0-14 of an off_wrap word: the ring offset. */
 export const PACKED_OFFSET_MASK = 0x7fff;
 
+/**
+ * Writes one packed descriptor at byte `off` of `view` (little endian); `addr` may be a bigint
+ * >= 2^53 and is truncated to 64 bits, `len` to 32, `id` and `flags` to 16. Flags go last.
+ */
+export function writePackedDescriptor(
+  view: DataView,
+  off: number,
+  addr: number | bigint,
+  len: number,
+  id: number,
+  flags: number,
+): void {
+  writePackedAddrLen(view, off, addr, len);
+  view.setUint16(off + PACKED_DESC_ID, id & 0xffff, true);
+  view.setUint16(off + PACKED_DESC_FLAGS, flags & 0xffff, true);
+}
+
+/** Writes a packed descriptor's addr (truncated to 64 bits) and len (to 32). */
+export function writePackedAddrLen(
+  view: DataView,
+  off: number,
+  addr: number | bigint,
+  len: number,
+): void {
+  const a = BigInt.asUintN(64, BigInt(addr));
+  view.setUint32(off + PACKED_DESC_ADDR, Number(a & 0xffff_ffffn), true);
+  view.setUint32(off + PACKED_DESC_ADDR + 4, Number(a >> 32n), true);
+  view.setUint32(off + PACKED_DESC_LEN, len >>> 0, true);
+}
+
 /** True if `num` is a valid packed queue size: 1..32768. */
 export function isValidPackedQueueSize(num: number): boolean {
   return Number.isInteger(num) && num >= 1 && num <= PACKED_VIRTQ_MAX_SIZE;

@@ -67,6 +67,10 @@ export interface FairPhase {
   readonly bulk?: BulkPhase;
   /** seconds the back end, guest and host apps were runnable without a CPU, per second */
   readonly cpuWaitPerS: number;
+  /** seconds each process was runnable without a CPU during the phase */
+  readonly waitSeconds: { backend: number; guest: number; ping: number; load: number };
+  /** the phase's wall-clock seconds */
+  readonly wallSeconds: number;
 }
 
 /** One round of the figure: the four phases. */
@@ -115,6 +119,7 @@ async function phase(
   await mix.event("listening", stall);
   const pids = [rig.backend.pid, rig.guest.pid, runner.hostA.pid, runner.hostB.pid];
   const w0 = runner.waits(pids);
+  const each0 = pids.map((p) => runner.waits([p]));
   const wall0 = performance.now();
   const b0 = procCpuSeconds(rig.backend.pid);
   let loadCall = null;
@@ -148,10 +153,13 @@ async function phase(
     mix.done(timeout * 2),
   ]);
   const backendCpu = procCpuSeconds(rig.backend.pid) - b0;
-  const cpuWaitPerS = (runner.waits(pids) - w0) / ((performance.now() - wall0) / 1000);
+  const wallS = (performance.now() - wall0) / 1000;
+  const cpuWaitPerS = (runner.waits(pids) - w0) / wallS;
+  const each = pids.map((p, i) => runner.waits([p]) - each0[i]);
+  const waitSeconds = { backend: each[0], guest: each[1], ping: each[2], load: each[3] };
   const who = `${rig.name} fairness (${label})`;
   runner.noteAnomalies(rig.name, `fairness ${label}`, (guest.anomalies ?? []) as string[]);
-  let out: FairPhase = { cpuWaitPerS };
+  let out: FairPhase = { cpuWaitPerS, waitSeconds, wallSeconds: wallS };
   if (ping !== null) {
     runner.check(who, Number(ping.mismatches) === 0, "echo mismatch");
     const rtts = Number(ping.iterations);
@@ -215,6 +223,12 @@ export function fairnessRows(rounds: readonly FairnessRound[]): FairnessRow[] {
     const g: Pick = (p) => (p.bulk === undefined ? undefined : f(p.bulk));
     return [m((r) => g(r.bulkAlone)), m((r) => g(r.withBulk)), m((r) => g(r.loaded))];
   };
+  /** a figure of each phase with the ping-pong (alone, with bulk, with bulk + flood) */
+  const pingPhase = (f: Pick): [number, number, number] => [
+    m((r) => f(r.pingAlone)),
+    m((r) => f(r.withBulk)),
+    m((r) => f(r.loaded)),
+  ];
   const spread = (b: BulkPhase) => Math.min(...b.perStream) / Math.max(...b.perStream);
   return [
     { key: "fair_pingpong_p50", name: "64 B ping-pong RTT p50 (us)", values: ping((p) => p.p50) },
@@ -264,6 +278,21 @@ export function fairnessRows(rounds: readonly FairnessRound[]): FairnessRow[] {
       key: "fair_sender_cpu",
       name: "load host app CPU, bulk phases (CPU s per s)",
       values: bulk((b) => b.senderCpu / b.seconds),
+    },
+    {
+      key: "fair_ping_wait_per_rtt",
+      name: "ping-pong app's CPU wait per round trip (us)",
+      values: pingPhase((p) => p.ping && (1e6 * p.waitSeconds.ping) / p.ping.iterations),
+    },
+    {
+      key: "fair_backend_wait",
+      name: "back end's CPU wait, ping-pong phases (ms per s)",
+      values: pingPhase((p) => (1000 * p.waitSeconds.backend) / p.wallSeconds),
+    },
+    {
+      key: "fair_guest_wait",
+      name: "guest's CPU wait, ping-pong phases (ms per s)",
+      values: pingPhase((p) => (1000 * p.waitSeconds.guest) / p.wallSeconds),
     },
     {
       key: "fair_cpu_wait",

@@ -12,7 +12,9 @@
  * 3. with bulk: 2 and 1 at the same time (no flood), to tell the streams' effect from the
  *    flood's;
  * 4. under load: 2 again, plus a host->guest datagram flood from app B (as fast as the back
- *    end's datagram socket takes them), and 1 running at the same time from app A.
+ *    end's datagram socket takes them), and 1 running at the same time from app A;
+ * 5. control: 1 beside app B spinning on a CPU (`burn`), no other vsock traffic: what CPU
+ *    contention alone does to the ping-pong's tail, to tell it from queueing in the back end.
  * Targets (issue 9): p99 RTT under load (4) <= 3x p99 alone (1); bulk under load (4) >= 80 % of
  * bulk alone (2). Every phase also records the CPU wait (schedstat run delay) of the processes
  * taking part, so CPU starvation is told apart from queueing in the back end.
@@ -79,6 +81,8 @@ export interface FairnessRound {
   readonly bulkAlone: FairPhase;
   readonly withBulk: FairPhase;
   readonly loaded: FairPhase;
+  /** control: the ping-pong beside a process spinning on a CPU, no other vsock traffic */
+  readonly cpuBound: FairPhase;
 }
 
 /** Runs one round of the figure through `rig`. */
@@ -92,6 +96,7 @@ export async function fairnessRound(
     bulkAlone: await phase(runner, rig, o, { ping: false, bulk: true, flood: false }),
     withBulk: await phase(runner, rig, o, { ping: true, bulk: true, flood: false }),
     loaded: await phase(runner, rig, o, { ping: true, bulk: true, flood: true }),
+    cpuBound: await phase(runner, rig, o, { ping: true, bulk: false, flood: false, burn: true }),
   };
 }
 
@@ -99,7 +104,7 @@ async function phase(
   runner: Runner,
   rig: Rig,
   o: FairnessOptions,
-  what: { ping: boolean; bulk: boolean; flood: boolean },
+  what: { ping: boolean; bulk: boolean; flood: boolean; burn?: boolean },
 ): Promise<FairPhase> {
   const stall = runner.opts.stallMs;
   const timeout = o.durationMs + stall;
@@ -108,7 +113,12 @@ async function phase(
     ? Array.from({ length: FAIR_BULK_STREAMS }, () => runner.newPort())
     : [];
   const dgramPort = what.flood ? runner.newPort() : null;
-  const label = [what.ping && "ping-pong", what.bulk && "bulk", what.flood && "datagram flood"]
+  const label = [
+    what.ping && "ping-pong",
+    what.bulk && "bulk",
+    what.flood && "datagram flood",
+    what.burn && "a CPU-bound process",
+  ]
     .filter((x) => x).join(" + ");
   const mix = rig.guest.call("mix", {
     echoPort,
@@ -135,8 +145,12 @@ async function phase(
     });
     await loadCall.event("started", stall);
   }
+  if (what.burn) {
+    loadCall = runner.hostB.call("burn", { durationMs: o.durationMs });
+    await loadCall.event("started", stall);
+  }
   // Under load the round trips stop before the load does, so every one of them has it.
-  const pingMs = what.bulk ? Math.max(50, o.durationMs - 300) : o.durationMs;
+  const pingMs = what.bulk || what.burn ? Math.max(50, o.durationMs - 300) : o.durationMs;
   const pp = what.ping
     ? runner.hostA.run("pingpong", {
       path: rig.backend.udsPath,
@@ -168,7 +182,7 @@ async function phase(
       ping: { ...(ping as unknown as PingPong), backendCpuPerRtt: backendCpu / rtts },
     };
   }
-  if (load !== null) {
+  if (load !== null && what.bulk) {
     const sinks = guest.sinks as Rec[];
     const sent = load.bytes as number[];
     const t0 = Number(load.t0);
@@ -237,6 +251,15 @@ export function fairnessRows(rounds: readonly FairnessRound[]): FairnessRow[] {
       name: "64 B ping-pong RTT p99 (us)",
       values: ping((p) => p.p99),
       target: { op: "<=", bound: 3 },
+    },
+    {
+      key: "fair_pingpong_p99_cpu_bound",
+      name: "control: p99 beside a CPU-bound process instead of the load (us)",
+      values: [
+        m((r) => r.pingAlone.ping?.p99),
+        m((r) => r.cpuBound.ping?.p99),
+        NaN,
+      ],
     },
     { key: "fair_pingpong_rtts", name: "round trips measured", values: ping((p) => p.iterations) },
     {

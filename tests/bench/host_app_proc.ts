@@ -9,7 +9,7 @@
  * commands and the fairness load use non-blocking sockets. Host->guest datagrams follow the back
  * end's protocol (lib/vsock/dgram.ts): `<guest-port>\n<payload>` from `<uds-path>_<P>.dgram`.
  *
- * Commands: sink, source, echo, pingpong, load, manyListen, manyOpen, manyTransfer, manyClose,
+ * Commands: sink, source, echo, pingpong, load, burn, manyListen, manyOpen, manyTransfer, manyClose,
  * stats.
  */
 import {
@@ -629,9 +629,35 @@ function stats() {
   return { cpu: cpuSeconds() };
 }
 
+/**
+ * burn {durationMs}: the fairness figure's control load: spins on the CPU for `durationMs`
+ * without any I/O (emits "started" first), so a ping-pong beside it shows what CPU contention
+ * alone does to its latency.
+ */
+function burn(msg: Command, emit: EmitFn) {
+  emit("started");
+  const cpu0 = cpuSeconds();
+  const deadline = now() + Number(msg.durationMs);
+  let spins = 0;
+  while (now() < deadline) spins++;
+  return { cpu: cpuSeconds() - cpu0, spins };
+}
+
 sendLine({ id: 0, ev: "ready" });
 await serveCommands(
-  { sink, source, echo, pingpong, load, manyListen, manyOpen, manyTransfer, manyClose, stats },
+  {
+    sink,
+    source,
+    echo,
+    pingpong,
+    load,
+    burn,
+    manyListen,
+    manyOpen,
+    manyTransfer,
+    manyClose,
+    stats,
+  },
   () => {
     for (const path of [...listeners.keys()]) closeListener(path);
   },

@@ -21,7 +21,8 @@ export const VHOST_USER_BACKEND_TYPE = "vsock";
  * - "seqpacket": SOCK_SEQPACKET vsock sockets (VIRTIO_VSOCK_F_SEQPACKET);
  * - "datagrams": SOCK_DGRAM vsock sockets with `--dgram` (VIRTIO_VSOCK_F_DGRAM, bit 3, not in
  *   the virtio spec);
- * - "fair-rx": deficit round robin over flows on the guest's rx queue (`--rx-weight`).
+ * - "fair-rx": deficit round robin over flows on the guest's rx queue (`--rx-weight`);
+ * - "packed-rings": packed virtqueues (VIRTIO_F_RING_PACKED; QEMU's `packed=on`).
  */
 export const VHOST_USER_BACKEND_FEATURES: readonly string[] = [
   "device-state",
@@ -30,6 +31,7 @@ export const VHOST_USER_BACKEND_FEATURES: readonly string[] = [
   "seqpacket",
   "datagrams",
   "fair-rx",
+  "packed-rings",
 ];
 
 /** The JSON document, pretty-printed with two-space indents, without a trailing newline. */

@@ -599,7 +599,15 @@ Deno.test("--print-capabilities JSON follows vhost-user.json VHostUserBackendCap
   assert.equal(VHOST_USER_BACKEND_TYPE, "vsock");
   assert.deepEqual(JSON.parse(capabilitiesJson()), {
     type: "vsock",
-    features: ["device-state", "dirty-log", "siblings", "seqpacket", "datagrams", "fair-rx"],
+    features: [
+      "device-state",
+      "dirty-log",
+      "siblings",
+      "seqpacket",
+      "datagrams",
+      "fair-rx",
+      "packed-rings",
+    ],
   });
   assert.equal(capabilitiesJson([]), '{\n  "type": "vsock"\n}');
   assert.deepEqual(JSON.parse(capabilitiesJson(["dgram"])), { type: "vsock", features: ["dgram"] });

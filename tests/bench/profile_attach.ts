@@ -203,7 +203,7 @@ function record(roles: Role[], seconds: number, extra: string[]) {
   const fields = extra.includes("-e") ? "pid,tid,comm,trace,ip,sym,dso" : "pid,tid,comm,ip,sym,dso";
   return withTemp((file) => {
     const w = window(roles, () => {
-      perf(["record", "-q", "-g", ...extra, "-o", file, "-p", all, "--", "sleep", `${seconds}`]);
+      perf(["record", "-g", ...extra, "-o", file, "-p", all, "--", "sleep", `${seconds}`]);
     });
     console.log(
       `${w.seconds.toFixed(2)} s, host app moved ${(w.mib / w.seconds).toFixed(0)} MiB/s`,

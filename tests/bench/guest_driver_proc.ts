@@ -155,6 +155,8 @@ function source(msg: Command, emit: EmitFn) {
   const t0 = now();
   const deadline = t0 + Number(msg.durationMs);
   const irq0 = g.interrupts;
+  const kick0 = g.kicks;
+  const tx0 = g.stats.txPackets;
   let sent = 0;
   let inWrite = 0; // bytes of the current application write still to send
   let finished = false;
@@ -186,13 +188,16 @@ function source(msg: Command, emit: EmitFn) {
   // (SHUTDOWN(send) alone would do for this back end, but vhost-device-vsock acts only on a
   // SHUTDOWN with both flags, so its host app would never see EOF.)
   const cpu = usage(cpu0, t0);
+  const counts = { wakeups: g.interrupts - irq0, kicks: g.kicks - kick0 };
+  const packets = g.stats.txPackets - tx0;
   closeConns([conn], `close after guest source`);
   return {
     bytes: sent,
     t0,
     tWritten,
     ...cpu,
-    wakeups: g.interrupts - irq0,
+    ...counts,
+    packets,
     quietPoll: takeQuietPoll(),
     anomalies: g.anomalies.slice(a0),
   };
@@ -286,16 +291,19 @@ function sink(msg: Command, emit: EmitFn) {
   const cpu0 = cpuSeconds();
   const wall0 = now();
   const irq0 = g.interrupts;
+  const kick0 = g.kicks;
   const rx0 = g.stats.rxPackets;
   drive(() => (s.step(), 0), () => conn.eof, `host->guest data on port ${msg.port}`);
   s.step();
   const cpu = usage(cpu0, wall0);
+  const kicks = g.kicks - kick0;
   const packets = g.stats.rxPackets - rx0;
   closeConns([conn], `close of the host->guest stream on port ${msg.port}`);
   return {
     ...s.result(),
     ...cpu,
     wakeups: g.interrupts - irq0,
+    kicks,
     packets,
     quietPoll: takeQuietPoll(),
     anomalies: g.anomalies.slice(a0),

@@ -366,6 +366,12 @@ export class LeanGuest {
     return i[0] + i[1] + i[2];
   }
 
+  /** Kicks (queue notifications to the device) so far (all queues). */
+  get kicks(): number {
+    const k = this.stats.kicks;
+    return k[0] + k[1] + k[2];
+  }
+
   describe(): string {
     return `guest cid ${this.guestCid}: ${this.rings.describe()}; backlog ${this.#backlog.length}` +
       `; conns ${[...this.conns.values()].map((c) => c.describe()).join(", ")}`;

@@ -1,12 +1,14 @@
 /**
- * Profiling harness: runs this repository's back end exactly as `main.ts` does (same flags,
- * same `Daemon`, reactor and data path), except that the reactor runs on the main thread and
- * a small worker (profile_signal_worker.ts) turns SIGTERM into the reactor's stop flag + wakeup.
+ * Profiling harness: runs this repository's data path as a worker process of `main.ts` runs
+ * it (same flags, same `Daemon`, reactor and data path), in one process with the reactor on
+ * the main thread: no supervisor, no worker process, no watchdog heartbeat. A small worker
+ * (profile_signal_worker.ts) turns SIGTERM into the reactor's stop flag + wakeup.
  *
- * Why: `deno run --cpu-prof` writes the main thread's profile reliably at exit, but the
- * reactor Worker of main.ts is terminated right after it reports "stopped", which races with
- * the writing of its profile (`*.worker-1.cpuprofile` is often missing). Here the profiled
- * thread is the main one.
+ * Why: `deno run --cpu-prof` writes the main thread's profile reliably at exit, but a reactor
+ * Worker is terminated right after it reports "stopped", which races with the writing of its
+ * profile (`*.worker-1.cpuprofile` is often missing), and the flag would not reach the worker
+ * processes main.ts spawns. Here the profiled thread is the main one: its profile is
+ * `CPU.<time>.<pid>.cpuprofile`.
  *
  * Usage (as a bench back end):
  *   deno task bench --backend "deno run -A --cpu-prof --cpu-prof-dir=/tmp/prof \

@@ -1,12 +1,15 @@
 /**
- * Summarises a V8 CPU profile (`deno run --cpu-prof ...` writes one per thread; the back end's
- * reactor is the `*.worker-1.cpuprofile`): self time per function, and time per category.
+ * Summarises a V8 CPU profile (`deno run --cpu-prof ...` writes one per thread; under
+ * `profile_backend.ts` the back end's reactor is the main thread's `CPU.<time>.<pid>.cpuprofile`):
+ * self time per function, and time per category.
  *
  * Usage: deno run -A tests/bench/profile_summary.ts FILE.cpuprofile [--top 30]
  *
  * V8 charges the time spent inside a synchronous FFI call to the JS function that made it, so
  * the thin wrappers in `ffi/` (readvRaw, writevRaw, eventFdWrite, Epoll.wait, ...) stand for
- * their system calls. Categories:
+ * their system calls. The profiler samples wall-clock time: a call during which the thread
+ * lost its CPU (a peer it woke preempted it) is charged its whole duration; `perf` in
+ * `profile_attach.ts cpu` gives on-CPU time. Categories:
  * - "epoll_wait (blocked)": `Epoll.wait`, the reactor sleeping;
  * - "syscalls (ffi/)": every other function defined in `ffi/`;
  * - "JS (lib/)": the back end's own code;

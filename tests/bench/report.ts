@@ -167,8 +167,9 @@ export function renderReport(r: Report): { text: string; markdown: string } {
     "guest",
     "host app",
     "raw peer",
+    "guest packets",
     "guest irqs",
-    "rx packets",
+    "guest kicks",
     "longest gap ms",
     "CPU wait s",
   ];
@@ -183,8 +184,9 @@ export function renderReport(r: Report): { text: string; markdown: string } {
       raw ? "-" : perWall(s.cpu.guest),
       perWall(s.cpu.host),
       raw ? perWall(s.cpu.peer) : "-",
+      raw ? "-" : String(s.guestPackets),
       raw ? "-" : String(s.guestWakeups),
-      s.kind === "h2g" ? String(s.guestRxPackets) : "-",
+      raw ? "-" : String(s.guestKicks),
       fmt(s.maxGapMs),
       fmt(s.cpuWait),
     ];

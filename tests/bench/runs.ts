@@ -49,8 +49,10 @@ export interface StreamRun {
   readonly cpu: { backend: number; guest: number; host: number; peer: number };
   /** guest interrupts (call eventfd signals) */
   readonly guestWakeups: number;
-  /** guest sink only: rx packets */
-  readonly guestRxPackets: number;
+  /** guest kicks (queue notifications to the back end) */
+  readonly guestKicks: number;
+  /** data packets the guest sent (guest->host) or received (host->guest) */
+  readonly guestPackets: number;
   /** longest pause of the receiver (ms) between data arrivals */
   readonly maxGapMs: number;
   /** guest only: ring state at the first 100 ms without a notification, if any */
@@ -190,7 +192,8 @@ export class Runner {
       mibps: bytes / MiB / seconds,
       cpu,
       guestWakeups: guestSide === null ? 0 : num(guestSide, "wakeups"),
-      guestRxPackets: guestSide === null ? 0 : num(guestSide, "packets") || 0,
+      guestKicks: guestSide === null ? 0 : num(guestSide, "kicks"),
+      guestPackets: guestSide === null ? 0 : num(guestSide, "packets"),
       maxGapMs: num(snk, "maxGapMs"),
       quietPoll: guestSide === null ? null : (guestSide.quietPoll as string | null) ?? null,
       cpuWait,

@@ -337,47 +337,52 @@ export class VsockConnection implements RxFlow {
     if (this.toHost.length === 0 && !this.hostWriteShut) {
       const iov = this.ctx.iov;
       const iovs = chain.hostIovecs(chain.mem!, iov, VIRTIO_VSOCK_HDR_SIZE, len, false);
-      const dst = this.wroteToHost(writevRaw(this.hostFd, iov, iovs), len);
-      if (dst !== null) {
-        chain.readInto(dst, VIRTIO_VSOCK_HDR_SIZE + len - dst.length);
-        this.toHost.commit(dst.length);
-      }
+      const k = this.wroteToHost(writevRaw(this.hostFd, iov, iovs), len);
+      if (k > 0) this.copyToHost(chain, VIRTIO_VSOCK_HDR_SIZE + len - k, k);
       return;
     }
-    const dst = this.queueToHost(len);
-    if (dst !== null) {
-      chain.readInto(dst, VIRTIO_VSOCK_HDR_SIZE);
-      this.toHost.commit(len);
-    }
+    if (this.queueToHost(len)) this.copyToHost(chain, VIRTIO_VSOCK_HDR_SIZE, len);
+  }
+
+  /**
+   * Copies `n` bytes of `chain` from `skip` into the window `queueToHost` reserved in
+   * `toHost` (in two parts when it wraps) and commits them. @internal (seqpacket.ts)
+   */
+  copyToHost(chain: DescChain, skip: number, n: number): void {
+    const q = this.toHost;
+    chain.readInto(q.first, skip);
+    if (q.second.length > 0) chain.readInto(q.second, skip + q.first.length);
+    q.commit(n);
   }
 
   /**
    * Accounts a writev of `len` guest bytes to the host socket that returned `n`. Returns
-   * the space in `toHost` where the caller copies the bytes the socket did not take (the
-   * last `dst.length` of the `len`; then `toHost.commit(dst.length)`), or null when there
-   * is nothing to copy (all written, or the connection was reset).
+   * how many of them the socket did not take (the last k of the `len`), for which room is
+   * reserved in `toHost` (`toHost.first` / `toHost.second`: the caller copies them there,
+   * then `toHost.commit(k)`), or 0 when there is nothing to copy (all written, or the
+   * connection was reset).
    */
-  wroteToHost(n: number, len: number): Uint8Array | null {
+  wroteToHost(n: number, len: number): number {
     if (n < 0 && n !== -EAGAIN) {
       this.ctx.logEvent(`vsock: host app of ${this.describe()} closed (errno ${-n}); resetting`);
       this.reset();
-      return null;
+      return 0;
     }
     const written = n > 0 ? n : 0;
     if (written > 0) this.forwarded(written);
-    if (written >= len) return null;
-    return this.queueToHost(len - written);
+    if (written >= len) return 0;
+    return this.queueToHost(len - written) ? len - written : 0;
   }
 
-  /** Room for `n` more bytes in the guest -> host backlog, or null (reset: overflow). */
-  /** @internal (seqpacket.ts) */
-  queueToHost(n: number): Uint8Array | null {
-    const dst = this.toHost.reserve(n);
-    if (dst === null) {
-      this.ctx.logFault(`vsock: guest->host buffer overflow on ${this.describe()}; resetting`);
-      this.reset();
-    }
-    return dst;
+  /**
+   * Reserves room for `n` more bytes in the guest -> host backlog; false (and a reset) on
+   * overflow. @internal (seqpacket.ts)
+   */
+  queueToHost(n: number): boolean {
+    if (this.toHost.reserve(n)) return true;
+    this.ctx.logFault(`vsock: guest->host buffer overflow on ${this.describe()}; resetting`);
+    this.reset();
+    return false;
   }
 
   /** `n` bytes reached the host app: credit goes back to the guest. @internal (seqpacket.ts) */
@@ -417,7 +422,7 @@ export class VsockConnection implements RxFlow {
       if ((this.guestShutdown & VIRTIO_VSOCK_SHUTDOWN_F_SEND) !== 0) this.messages!.dropPartial();
     }
     while (this.toHost.length > 0 && this.type !== VIRTIO_VSOCK_TYPE_SEQPACKET) {
-      const data = this.toHost.peek();
+      const data = this.toHost.front();
       const n = writeRaw(this.hostFd, data, data.length);
       if (n === -EAGAIN) return;
       if (n < 0) {

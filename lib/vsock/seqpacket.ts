@@ -58,10 +58,8 @@ export class SeqpacketMessages {
   fromGuest(chain: DescChain, len: number, flags: number): void {
     const c = this.conn;
     if (len > 0) {
-      const dst = c.queueToHost(len);
-      if (dst === null) return;
-      chain.readInto(dst, VIRTIO_VSOCK_HDR_SIZE);
-      c.toHost.commit(len);
+      if (!c.queueToHost(len)) return;
+      c.copyToHost(chain, VIRTIO_VSOCK_HDR_SIZE, len);
       this.#partial += len;
     }
     if ((flags & VIRTIO_VSOCK_SEQ_EOM) === 0) return;
@@ -76,8 +74,10 @@ export class SeqpacketMessages {
     const io = c.ctx.msgIo;
     while (this.#toHost.length > 0) {
       const len = this.#toHost[0];
-      io.setIov(0, c.toHost.peek(), len);
-      const n = io.send(c.hostFd, 1);
+      const [a, b] = c.toHost.peek(len); // two parts when the message wraps in the ring
+      io.setIov(0, a);
+      if (b.length > 0) io.setIov(1, b);
+      const n = io.send(c.hostFd, b.length > 0 ? 2 : 1);
       if (n === -EAGAIN) return false;
       if (n < 0) {
         c.ctx.logFault(

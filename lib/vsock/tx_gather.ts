@@ -93,10 +93,12 @@ export class TxGather {
     this.#count = 0;
     this.#bytes = 0;
     if (c.state === ConnState.CLOSED) return;
-    const dst = c.wroteToHost(writevRaw(c.hostFd, this.#iov, count), bytes);
-    if (dst !== null) {
-      this.#copy(mem, count, bytes - dst.length, dst);
-      c.toHost.commit(dst.length);
+    const k = c.wroteToHost(writevRaw(c.hostFd, this.#iov, count), bytes);
+    if (k > 0) { // the socket did not take the last k bytes: copy them into the backlog
+      const q = c.toHost;
+      this.#copy(mem, count, bytes - k, q.first);
+      if (q.second.length > 0) this.#copy(mem, count, bytes - k + q.first.length, q.second);
+      q.commit(k);
     }
   }
 

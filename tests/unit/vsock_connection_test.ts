@@ -355,7 +355,7 @@ Deno.test("tx gather: bytes the socket does not take are copied from the right r
     assert.ok(ctx.gather.add(c, chain, payload.length));
     ctx.gather.flush();
     assert.equal(c.state, ConnState.ESTABLISHED);
-    assert.deepEqual(c.toHost.peek(), payload);
+    assert.deepEqual(c.toHost.front(), payload);
   } finally {
     c.destroy(false);
     close(app);

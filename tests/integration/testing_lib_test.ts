@@ -288,6 +288,31 @@ Deno.test("front end: reply timeout and refused connection are clear errors", as
   );
 });
 
+Deno.test("front end: connect retries while the back end still serves another front end and resets the new connection", async () => {
+  const backend = await spawnBackend({ cid: 3 });
+  const first = await VhostUserFrontEnd.connect(backend.socketPath, { profile: "qemu" });
+  try {
+    // The back end refuses a second front end by closing it at once; the new front end's
+    // GET_FEATURES is then still unread, so the close is a reset (ECONNRESET), not an EOF.
+    const second = VhostUserFrontEnd.connect(backend.socketPath, {
+      profile: "qemu",
+      connectTimeoutMs: 5000,
+    });
+    second.catch(() => {}); // awaited below; must not go unhandled meanwhile
+    const t0 = Date.now();
+    await new Promise((r) => setTimeout(r, 300));
+    first.close();
+    const fe = await second;
+    assert.ok(Date.now() - t0 >= 300, "served only once the first front end was gone");
+    assert.ok(fe.getFeatures() !== 0n);
+    fe.close();
+    assert.match(backend.stderr(), /second front end tried to connect/);
+  } finally {
+    first.close();
+    await backend.stop();
+  }
+});
+
 // ---------------------------------------------------------------------------------------
 // Memory layouts
 // ---------------------------------------------------------------------------------------

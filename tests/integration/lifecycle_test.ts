@@ -35,7 +35,6 @@ import {
   close,
   connectUnix,
   EAGAIN,
-  eventFdRead,
   listenUnix,
   pollFds,
   POLLIN,
@@ -69,6 +68,7 @@ import { VIRTIO_RING_F_EVENT_IDX_MASK } from "../../lib/virtio/features.ts";
 import { availEventOffset, usedRingSize, vringNeedEvent } from "../../lib/virtio/split_layout.ts";
 import { PACKED_EVENT_SIZE } from "../../lib/virtio/packed_layout.ts";
 import { InProcessVm } from "./inprocess.ts";
+import { clearKicks } from "./vm_helpers.ts";
 import { GUEST_CID, HOST_CID, RawGuest, RawHostSocket, waitUntil } from "./raw_guest.ts";
 
 const enc = new TextEncoder();
@@ -110,15 +110,6 @@ function sleep(ms: number): Promise<void> {
 /** Waits until the back end logged a line containing `text` (its log is our event trace). */
 function waitForLog(backend: BackendProcess, text: string, timeoutMs = 5000): Promise<number> {
   return waitUntil(() => backend.stderr().includes(text), timeoutMs, `back-end log "${text}"`);
-}
-
-/**
- * Clears the kick eventfds of a stopped device. An eventfd keeps the count of every kick
- * written to it (an edge-triggered back end never reads it back), and SET_VRING_KICK with the
- * same fd would then look like a fresh kick: a restart in these tests must carry none.
- */
-function clearKicks(fe: VhostUserFrontEnd): void {
-  for (const fd of fe.kickFds) eventFdRead(fd);
 }
 
 /** Whether an eventfd's counter is non-zero (poll without consuming it). */

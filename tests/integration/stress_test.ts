@@ -17,17 +17,16 @@
  * `STRESS_SECONDS` bound each variant (default 5000 iterations, 20 s).
  */
 import assert from "node:assert/strict";
-import { eventFdRead } from "../../ffi/mod.ts";
 import {
   type GuestConn,
   type HostConnection,
   startVm,
-  type VhostUserFrontEnd,
   VIRTIO_VSOCK_SHUTDOWN_F_SEND,
   type VsockGuestOptions,
   writeAll,
 } from "../../lib/testing/mod.ts";
 import { mulberry32 } from "../../lib/testing/prng.ts";
+import { clearKicks } from "./vm_helpers.ts";
 
 const ITERATIONS = Number(Deno.env.get("STRESS_ITERATIONS") ?? 5000);
 const SECONDS = Number(Deno.env.get("STRESS_SECONDS") ?? 20);
@@ -38,16 +37,6 @@ const BARRIER_EVERY = 200;
 const MAX_CHUNK = 48 * 1024;
 
 const prng = mulberry32;
-
-/**
- * Empties the kick eventfds before a restart, as a VMM that took its notifiers back while the
- * device was stopped: an eventfd the back end never reads back still holds old kicks, and
- * re-registering it would kick the rings. Without them only processing on start (which must
- * also cover kicks that came during the stop) resumes queued work.
- */
-function clearKicks(fe: VhostUserFrontEnd): void {
-  for (const fd of fe.kickFds) eventFdRead(fd);
-}
 
 function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));

@@ -7,12 +7,14 @@
  */
 import assert from "node:assert/strict";
 import { Buffer } from "node:buffer";
+import { eventFdRead } from "../../ffi/mod.ts";
 import {
   type GuestConn,
   readAll,
   readExactly,
   startVm,
   type StartVmOptions,
+  type VhostUserFrontEnd,
   type VmHandle,
   writeAll,
 } from "../../lib/testing/mod.ts";
@@ -92,6 +94,16 @@ export async function waitForLog(
     timeoutMs,
     `${count} back-end log line(s) matching ${re}`,
   );
+}
+
+/**
+ * Empties the kick eventfds before a ring restart, as a VMM that took its notifiers back while
+ * the device was stopped: an eventfd the back end never reads back still holds old kicks, and
+ * SET_VRING_KICK with it would look like a fresh kick. A restart after this carries none, so
+ * only processing on start ("kick after start") can resume queued work.
+ */
+export function clearKicks(fe: VhostUserFrontEnd): void {
+  for (const fd of fe.kickFds) eventFdRead(fd);
 }
 
 /** Host -> guest connection + guest accept on `port` (the guest listener must exist). */

@@ -69,6 +69,7 @@ import {
   VhostUserRequest as R,
 } from "../../lib/vhost_user/protocol.ts";
 import { VRING_DESC_F_WRITE } from "../../lib/virtio/split_layout.ts";
+import { freshBackEnd } from "./vm_helpers.ts";
 
 const enc = new TextEncoder();
 const dec = new TextDecoder();
@@ -155,21 +156,6 @@ async function withStderr(
       .map((b, i) => b === null ? "" : `--- back end ${i + 1} stderr ---\n${b.stderr()}`)
       .join("\n");
     throw new Error(`${e instanceof Error ? e.stack : e}\n${logs}`, { cause: e });
-  }
-}
-
-/** A fresh back end and a crosvm-like front end on the guest's RAM (create sequence only). */
-async function freshCrosvmBackEnd(vm: VmHandle, cid: number) {
-  const backend = await spawnBackend({ cid });
-  try {
-    const fe = await VhostUserFrontEnd.connect(backend.socketPath, {
-      profile: "crosvm",
-      memory: vm.memory,
-    });
-    return { backend, fe };
-  } catch (e) {
-    await backend.stop();
-    throw e;
   }
 }
 
@@ -294,7 +280,7 @@ Deno.test("crosvm: restore onto a fresh back end resets the transport, re-reads 
       assert.deepEqual(saved.guestListenerPorts, [5000]);
 
       // The guest moves to a host where its CID is 10.
-      const fresh = await freshCrosvmBackEnd(vm, 10);
+      const fresh = await freshBackEnd(vm, 10);
       backend2 = fresh.backend;
       const fe2 = fresh.fe;
       const events = observe(fe2);
@@ -359,7 +345,7 @@ Deno.test("crosvm: TRANSPORT_RESET arrives without any kick of the event queue b
     await withStderr(() => [vm.backend, backend2], async () => {
       const old = await openBothWays(vm.guest, vm.udsPath, 5000, 6000);
       const snap = await vm.guest.snapshot();
-      const fresh = await freshCrosvmBackEnd(vm, 9);
+      const fresh = await freshBackEnd(vm, 9);
       backend2 = fresh.backend;
       const events = observe(fresh.fe);
       vm.frontEnd.close();
@@ -430,7 +416,7 @@ Deno.test("after a load, a host CONNECT is held until the driver re-read the con
       const listener = vm.guest.listen(5000);
       const snap = await vm.guest.snapshot();
       const rxBase = snap.bases[0];
-      const fresh = await freshCrosvmBackEnd(vm, 9);
+      const fresh = await freshBackEnd(vm, 9);
       backend2 = fresh.backend;
       const fe2 = fresh.fe;
       vm.frontEnd.close();
@@ -491,7 +477,7 @@ Deno.test("event queue ours: a config read before TRANSPORT_RESET was delivered 
     await withStderr(() => [vm.backend, backend2], async () => {
       const listener = vm.guest.listen(5000);
       const snap = await vm.guest.snapshot();
-      const fresh = await freshCrosvmBackEnd(vm, 9);
+      const fresh = await freshBackEnd(vm, 9);
       backend2 = fresh.backend;
       const fe2 = fresh.fe;
       vm.frontEnd.close();
@@ -767,7 +753,7 @@ Deno.test("corrupt, truncated, newer, garbage and empty states are refused; the 
       const old = await openBothWays(vm.guest, vm.udsPath, 5000, 6000);
       const snap = await vm.guest.snapshot();
       const good = snap.deviceState;
-      const fresh = await freshCrosvmBackEnd(vm, 9);
+      const fresh = await freshBackEnd(vm, 9);
       backend2 = fresh.backend;
       const fe2 = fresh.fe;
       vm.frontEnd.close();

@@ -9,12 +9,14 @@ import assert from "node:assert/strict";
 import { Buffer } from "node:buffer";
 import { eventFdRead } from "../../ffi/mod.ts";
 import {
+  type BackendProcess,
   type GuestConn,
   readAll,
   readExactly,
+  spawnBackend,
   startVm,
   type StartVmOptions,
-  type VhostUserFrontEnd,
+  VhostUserFrontEnd,
   type VmHandle,
   writeAll,
 } from "../../lib/testing/mod.ts";
@@ -94,6 +96,27 @@ export async function waitForLog(
     timeoutMs,
     `${count} back-end log line(s) matching ${re}`,
   );
+}
+
+/**
+ * A fresh back end (guest CID `cid`) and a front end like the VM's (same profile and options,
+ * create sequence only) on the guest's RAM: where a snapshot is restored.
+ */
+export async function freshBackEnd(
+  vm: VmHandle,
+  cid: number,
+): Promise<{ backend: BackendProcess; fe: VhostUserFrontEnd }> {
+  const backend = await spawnBackend({ cid });
+  try {
+    const fe = await VhostUserFrontEnd.connect(backend.socketPath, {
+      ...vm.frontEnd.options,
+      memory: vm.memory,
+    });
+    return { backend, fe };
+  } catch (e) {
+    await backend.stop();
+    throw e;
+  }
 }
 
 /**

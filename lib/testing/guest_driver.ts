@@ -249,6 +249,9 @@ export class VsockGuest {
       this.features,
     );
     old?.release();
+    // Raw chains still outstanding were on the old rings, which are gone: the new rings hand
+    // out the same ids to the driver's own buffers.
+    for (const heads of this.#rawHeads) heads.clear();
     const setups = this.#rings.setups;
     if (this.#opts.kickBeforeEnable) {
       fe.startDevice(this.features, setups, { beforeEnable: () => this.#fillQueues() });

@@ -419,6 +419,25 @@ Deno.test("suspend/resume keeps connections; driver reset drops them and moves t
   });
 });
 
+Deno.test("driver reset forgets raw chains left on the old rings: the new rings' buffers with the same ids stay the driver's", async () => {
+  for (const packed of [false, true]) {
+    await withVm({ profile: "qemu", frontEnd: { packed } }, async (vm) => {
+      // A raw tx chain the device takes but the driver never reaps before the reset.
+      const head = vm.faults.malformedOutOfRange();
+      await vm.guest.resetDevice();
+      // The new rings hand out the same ids (tx id `head` first): their packets are the
+      // driver's, not the raw chain's.
+      await hostToGuestRoundTrip(vm, 5000, 300_000);
+      assert.deepEqual(vm.guest.rawUsed, [], `raw chain ${head} of the old rings never came back`);
+      await vm.guest.waitFor(
+        () => /tx buffers free 64\/64/.test(vm.guest.describe()),
+        2000,
+        "every tx buffer back",
+      );
+    });
+  }
+});
+
 Deno.test("kick before SET_VRING_ENABLE: buffers posted early are used", async () => {
   for (const profile of ["qemu", "crosvm"] as const) {
     const backend = await spawnBackend({ cid: 3 });

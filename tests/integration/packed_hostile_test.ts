@@ -13,6 +13,8 @@
  *   longer than the ring, a chain made available before its end, an id reused while its buffer
  *   is in flight) breaks that queue only: one log line however often the guest kicks, no CPU
  *   spent on it, VM 1 unaffected, and VM 0's driver reset (new rings) recovers.
+ * - A front end's packed vring base with a position beyond the queue size is refused (logged),
+ *   and the back end goes on serving.
  *
  * The daemon never crashes: it exits 0 on SIGTERM at the end of every test.
  */
@@ -363,3 +365,25 @@ for (const k of BREAKERS) {
     });
   });
 }
+
+// ---------------------------------------------------------------------------------------
+// A hostile front end's vring base
+// ---------------------------------------------------------------------------------------
+
+Deno.test("packed hostile: vring bases with positions beyond the queue size are refused; a driver reset brings the rings back", async () => {
+  await withTwoVms("qemu", async (d, a, b) => {
+    const size = a.guest.queue(VSOCK_VQ_RX).size;
+    a.guest.frontEnd.stopRings();
+    // rx: avail and used index 0x7fff; tx: every bit set (both wrap counters, index 0x7fff)
+    a.guest.frontEnd.restartRings([0x7fff7fff, 0xffffffff]);
+    await a.guest.waitFor(
+      () => logCount(d, new RegExp(`position beyond queue size ${size}`)) === 2,
+      5000,
+      "both bases refused",
+    );
+    assert.ok(a.guest.frontEnd.getFeatures() !== 0n, "VM 0's back end still answers");
+    await stillWorks(b, d.uds(1), 6000);
+    await a.guest.resetDevice();
+    await stillWorks(a, d.uds(0), 6100);
+  });
+});

@@ -39,28 +39,13 @@ import {
   VIRTIO_RING_F_INDIRECT_DESC_MASK,
 } from "../../lib/virtio/features.ts";
 import { VIRTIO_VSOCK_F_SEQPACKET } from "../../lib/vsock/constants.ts";
+import { withVm } from "./vm_helpers.ts";
 
 /** VIRTIO_VSOCK_F_SEQPACKET: QEMU 7.2 passes it to the guest and Linux 6.1 acks it. */
 const SEQPACKET_MASK = featureMask(VIRTIO_VSOCK_F_SEQPACKET);
 
 const enc = new TextEncoder();
 const dec = new TextDecoder();
-
-/** Runs `fn` with a VM, always stopping it; fails if the guest saw anomalies. */
-async function withVm(
-  opts: Parameters<typeof startVm>[0],
-  fn: (vm: VmHandle) => Promise<void>,
-): Promise<void> {
-  const vm = await startVm(opts);
-  try {
-    await fn(vm);
-    assert.deepEqual(vm.guest.anomalies, [], "the guest saw back-end misbehaviour");
-  } catch (e) {
-    const exit = await vm.stop();
-    throw new Error(`${e instanceof Error ? e.stack : e}\n--- back end stderr ---\n${exit.stderr}`);
-  }
-  await vm.stop();
-}
 
 /** Echo round trip host -> guest -> host through a guest listener on `port`. */
 async function hostToGuestRoundTrip(vm: VmHandle, port: number, size: number): Promise<void> {

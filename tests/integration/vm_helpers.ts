@@ -58,10 +58,15 @@ export function assertSameBytes(got: Uint8Array, want: Uint8Array, what: string)
   );
 }
 
-/** Runs `fn` with a VM, always stopping it; appends the back end's stderr to failures. */
+/**
+ * Runs `fn` with a VM, always stopping it; appends the back end's stderr to failures. Fails if
+ * the guest saw anomalies, if the back end does not exit 0 on SIGTERM, or if it logged an error
+ * (unless `errorsLogged`: the test makes it log some).
+ */
 export async function withVm(
   opts: StartVmOptions,
   fn: (vm: VmHandle) => Promise<void>,
+  { errorsLogged = false }: { errorsLogged?: boolean } = {},
 ): Promise<void> {
   const vm = await startVm(opts);
   try {
@@ -77,6 +82,10 @@ export async function withVm(
   }
   const exit = await vm.stop();
   assert.equal(exit.code, 0, `back end exit status after SIGTERM\n${exit.stderr.slice(-3000)}`);
+  if (!errorsLogged) {
+    const errors = exit.stderr.split("\n").filter((l) => / ERROR /.test(l));
+    assert.deepEqual(errors, [], "the back end logged no error");
+  }
 }
 
 /** Back-end log lines matching `re`. */

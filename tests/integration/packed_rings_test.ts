@@ -31,7 +31,6 @@ import {
   pattern,
   readExactly,
   startVm,
-  VIRTIO_VSOCK_OP_RW,
   type VmHandle,
   writeAll,
 } from "../../lib/testing/mod.ts";
@@ -48,16 +47,18 @@ import {
   bulkFromHost,
   clearKicks,
   concurrentConnections,
+  dirtyLogTraffic,
   freshBackEnd,
   hostToGuest,
   logLines,
+  PAGE,
+  pagesOf,
   roundTrip,
   withVm,
 } from "./vm_helpers.ts";
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
-const PAGE = 4096;
 /** Guest options: 8 KiB packets in 2 payload segments, so tx chains take 1 to 3 slots. */
 const SMALL_CHAINS = { maxPacketPayload: 8 * KiB, txPayloadSegments: 2 };
 
@@ -307,13 +308,6 @@ Deno.test("packed rings: snapshot mid-transfer (DEVICE_STATE): bases at the used
 // Dirty logging
 // ---------------------------------------------------------------------------------------
 
-/** Guest-physical page numbers covering [gpa, gpa+len). */
-function pagesOf(gpa: number, len: number): number[] {
-  const out: number[] = [];
-  for (let p = Math.floor(gpa / PAGE); p * PAGE < gpa + len; p++) out.push(p);
-  return out;
-}
-
 Deno.test("packed rings: dirty log with LOG_ALL marks the used descriptors' pages in the descriptor ring, the rx buffers written and the device event suppression area, nothing else", async () => {
   // 256 entries: each descriptor ring fills its own page, the event areas are on the next one.
   await withVm({ profile: "qemu", frontEnd: { packed: true, queueSize: 256 } }, async (vm) => {
@@ -340,26 +334,7 @@ Deno.test("packed rings: dirty log with LOG_ALL marks the used descriptors' page
     const txFrom = tx.readUsedIdx();
     log.clear();
 
-    // Guest -> host: a payload in two pages of its own, which the device only reads.
-    const payloadGpa = vm.faults.allocGuest(2 * PAGE, PAGE);
-    const payload = pattern(2 * PAGE - 100, 111);
-    const raw = vm.faults.sendPacketAt(
-      {
-        srcPort: conn.localPort,
-        dstPort: conn.peerPort,
-        op: VIRTIO_VSOCK_OP_RW,
-        bufAlloc: conn.credit.bufAlloc,
-      },
-      payload,
-      { headerGpa: vm.faults.allocGuest(64, 64), payloadGpa },
-    );
-    assert.deepEqual(await readExactly(host.conn, payload.length), payload);
-    await g.waitFor(() => g.rawUsed.some((u) => u.head === raw), 5000, "the raw tx chain used");
-    // Host -> guest: the device fills rx buffers.
-    const data = pattern(20_000, 113);
-    await writeAll(host.conn, data);
-    assert.deepEqual(await conn.readExactly(data.length), data);
-    await g.idle(200);
+    const { payloadGpa, payloadLen } = await dirtyLogTraffic(vm, conn, host.conn);
 
     // Pages the device must have written: the used descriptors (in the descriptor rings, rx
     // buffers one slot each), the rx buffers' bytes, and tx's device event suppression area
@@ -389,7 +364,7 @@ Deno.test("packed rings: dirty log with LOG_ALL marks the used descriptors' page
     const extra = [...dirty].filter((p) => !expected.has(p) && p !== maybe);
     assert.deepEqual(missing, [], "pages written by the back end but not marked");
     assert.deepEqual(extra, [], "pages marked that the back end did not write");
-    for (const p of pagesOf(payloadGpa, payload.length)) assert.ok(!dirty.has(p), "read only");
+    for (const p of pagesOf(payloadGpa, payloadLen)) assert.ok(!dirty.has(p), "read only");
 
     g.setRxStarved(false);
     vm.faults.refillRx();

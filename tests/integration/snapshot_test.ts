@@ -52,7 +52,6 @@ import {
   VhostUserError,
   VhostUserFrontEnd,
   VIRTIO_VSOCK_OP_REQUEST,
-  VIRTIO_VSOCK_OP_RW,
   type VmHandle,
   VsockGuest,
   writeAll,
@@ -69,11 +68,10 @@ import {
   VhostUserRequest as R,
 } from "../../lib/vhost_user/protocol.ts";
 import { VRING_DESC_F_WRITE } from "../../lib/virtio/split_layout.ts";
-import { freshBackEnd } from "./vm_helpers.ts";
+import { dirtyLogTraffic, freshBackEnd, PAGE, pagesOf } from "./vm_helpers.ts";
 
 const enc = new TextEncoder();
 const dec = new TextDecoder();
-const PAGE = 4096;
 /** How long a negative check ("nothing reaches the guest") watches. */
 const QUIET_MS = 500;
 
@@ -230,13 +228,6 @@ function reseal(state: Uint8Array): Uint8Array {
   const v = new DataView(out.buffer);
   const end = out.length - 4;
   v.setUint32(end, crc32(out.subarray(0, end)), true);
-  return out;
-}
-
-/** Guest-physical page numbers covering [gpa, gpa+len). */
-function pagesOf(gpa: number, len: number): number[] {
-  const out: number[] = [];
-  for (let p = Math.floor(gpa / PAGE); p * PAGE < gpa + len; p++) out.push(p);
   return out;
 }
 
@@ -908,27 +899,7 @@ Deno.test("dirty log with LOG_ALL: exactly the pages the back end wrote are mark
       const txFrom = vm.guest.queue(1).readUsedIdx();
       log.clear();
 
-      // Guest -> host: a payload in two pages of its own, which the device only reads.
-      const payloadGpa = vm.faults.allocGuest(2 * PAGE, PAGE);
-      const hdrGpa = vm.faults.allocGuest(64, 64);
-      const payload = pattern(2 * PAGE - 100, 111);
-      const rawHead = vm.faults.sendPacketAt(
-        {
-          srcPort: conn.localPort,
-          dstPort: conn.peerPort,
-          op: VIRTIO_VSOCK_OP_RW,
-          bufAlloc: conn.credit.bufAlloc,
-        },
-        payload,
-        { headerGpa: hdrGpa, payloadGpa },
-      );
-      assert.deepEqual(await readExactly(host.conn, payload.length), payload);
-      await vm.guest.waitFor(() => vm.guest.rawUsed.some((u) => u.head === rawHead), 5000, "tx");
-      // Host -> guest: the device fills rx buffers.
-      const data = pattern(20_000, 113);
-      await writeAll(host.conn, data);
-      assert.deepEqual(await conn.readExactly(data.length), data);
-      await vm.guest.idle(200);
+      const { payloadGpa, payloadLen, headerGpa } = await dirtyLogTraffic(vm, conn, host.conn);
 
       const rxTo = vm.guest.queue(0).readUsedIdx();
       const txTo = vm.guest.queue(1).readUsedIdx();
@@ -946,10 +917,10 @@ Deno.test("dirty log with LOG_ALL: exactly the pages the back end wrote are mark
       assert.deepEqual(missing, [], "pages written by the back end but not marked");
       assert.deepEqual(extra, [], "pages marked that the back end did not write");
       // The checks above are not vacuous: the read-only payload and unused RAM are clear.
-      for (const p of pagesOf(payloadGpa, payload.length)) assert.ok(!dirty.has(p));
+      for (const p of pagesOf(payloadGpa, payloadLen)) assert.ok(!dirty.has(p));
       assert.ok(!log.isDirty(setups[2].descGpa), "event ring (VMM's) is clear");
       assert.ok(!log.isDirty(vm.memory.topGpa - 1), "the last page of RAM is clear");
-      assert.ok(!log.isDirty(hdrGpa) || expected.has(Math.floor(hdrGpa / PAGE)));
+      assert.ok(!log.isDirty(headerGpa) || expected.has(Math.floor(headerGpa / PAGE)));
 
       vm.faults.refillRx();
       fe.stopDirtyLog();

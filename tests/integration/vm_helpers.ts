@@ -11,17 +11,21 @@ import { eventFdRead } from "../../ffi/mod.ts";
 import {
   type BackendProcess,
   type GuestConn,
+  pattern,
   readAll,
   readExactly,
   spawnBackend,
   startVm,
   type StartVmOptions,
   VhostUserFrontEnd,
+  VIRTIO_VSOCK_OP_RW,
   type VmHandle,
   writeAll,
 } from "../../lib/testing/mod.ts";
 
 const KiB = 1024;
+/** The dirty log's page (VHOST_LOG_PAGE). */
+export const PAGE = 4096;
 /** Per-operation bound of the traffic scenarios below. */
 const TRAFFIC_TIMEOUT_MS = 30_000;
 
@@ -326,4 +330,44 @@ export async function concurrentConnections(
   listener.close();
   hl.close();
   assert.equal(vm.guest.connections.length, 0, "every connection ended");
+}
+
+/** Guest-physical page numbers covering [gpa, gpa+len). */
+export function pagesOf(gpa: number, len: number): number[] {
+  const out: number[] = [];
+  for (let p = Math.floor(gpa / PAGE); p * PAGE < gpa + len; p++) out.push(p);
+  return out;
+}
+
+/**
+ * The traffic of a dirty-log check, on an established pair: guest -> host, a payload in two
+ * pages of its own (which the device only reads) through a raw tx chain, until the chain came
+ * back; host -> guest, 20 000 bytes into the guest's rx buffers. Returns where the payload and
+ * its header are.
+ */
+export async function dirtyLogTraffic(
+  vm: VmHandle,
+  conn: GuestConn,
+  host: Deno.Conn,
+): Promise<{ payloadGpa: number; payloadLen: number; headerGpa: number }> {
+  const payloadGpa = vm.faults.allocGuest(2 * PAGE, PAGE);
+  const headerGpa = vm.faults.allocGuest(64, 64);
+  const payload = pattern(2 * PAGE - 100, 111);
+  const raw = vm.faults.sendPacketAt(
+    {
+      srcPort: conn.localPort,
+      dstPort: conn.peerPort,
+      op: VIRTIO_VSOCK_OP_RW,
+      bufAlloc: conn.credit.bufAlloc,
+    },
+    payload,
+    { headerGpa, payloadGpa },
+  );
+  assert.deepEqual(await readExactly(host, payload.length), payload);
+  await vm.guest.waitFor(() => vm.guest.rawUsed.some((u) => u.head === raw), 5000, "raw tx");
+  const data = pattern(20_000, 113);
+  await writeAll(host, data);
+  assert.deepEqual(await conn.readExactly(data.length), data);
+  await vm.guest.idle(200);
+  return { payloadGpa, payloadLen: payload.length, headerGpa };
 }

@@ -144,10 +144,6 @@ function rstFor(packets: readonly CapturedPacket[], port: number): boolean {
   );
 }
 
-function rings(packed: boolean): string {
-  return packed ? "packed" : "split";
-}
-
 function invalidLines(vm: VmHandle, which: "tx" | "rx"): number {
   const re = new RegExp(`invalid ${which} descriptor chain`);
   return vm.backend.stderr().split("\n").filter((l) => re.test(l)).length;
@@ -161,10 +157,9 @@ async function expectInvalidLines(vm: VmHandle, which: "tx" | "rx", n: number): 
 }
 
 for (const packed of [false, true]) {
+  const rings = packed ? "packed" : "split";
   Deno.test(
-    `tx buffers and indirect tables ending exactly at each region's end are used; one byte past is rejected and logged [${
-      rings(packed)
-    } rings]`,
+    `tx buffers and indirect tables ending exactly at each region's end are used; one byte past is rejected and logged [${rings} rings]`,
     withTimeout(60_000, async () => {
       await withEdgeVm(packed, async (vm) => {
         const cap = vm.guest.capture();
@@ -231,9 +226,7 @@ for (const packed of [false, true]) {
   );
 
   Deno.test(
-    `rx buffers and indirect tables ending exactly at each region's end receive packets; one byte past is rejected and logged [${
-      rings(packed)
-    } rings]`,
+    `rx buffers and indirect tables ending exactly at each region's end receive packets; one byte past is rejected and logged [${rings} rings]`,
     withTimeout(60_000, async () => {
       await withEdgeVm(packed, async (vm) => {
         const cap = vm.guest.capture();

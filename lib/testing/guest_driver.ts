@@ -407,7 +407,8 @@ export class VsockGuest {
    * Driver reset, like `rmmod vmw_vsock_virtio_transport; modprobe ...`: connections are
    * dropped (no packets; `closeReason` "driver-reset"), the front end stops the device
    * (GET_VRING_BASE ...), then the driver probes again: features re-negotiated, CID re-read,
-   * new rings at new addresses with fresh bases, buffers re-posted. Listeners survive.
+   * new rings at new addresses with fresh bases, buffers re-posted. Listeners survive; raw
+   * chains still on the old rings are forgotten (they never show up in `rawUsed`).
    */
   resetDevice(): Promise<void> {
     this.#checkUsable();

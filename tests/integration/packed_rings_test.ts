@@ -43,6 +43,7 @@ import {
 } from "../../lib/virtio/packed_layout.ts";
 import { VhostUserRequest as R } from "../../lib/vhost_user/protocol.ts";
 import {
+  assertSameBytes,
   bulkFromGuest,
   bulkFromHost,
   clearKicks,
@@ -69,7 +70,7 @@ function packedQueue(vm: VmHandle, index: number): DriverPackedQueue {
   return q;
 }
 
-/** The SET_VRING_BASE values of `fe`'s trace from entry `from` on, by queue. */
+/** The SET_VRING_BASE values the VM's front end sent from trace entry `from` on, by queue. */
 function vringBasesSent(vm: VmHandle, from = 0): Map<number, number> {
   const out = new Map<number, number>();
   for (const t of vm.frontEnd.trace.slice(from)) {
@@ -80,7 +81,7 @@ function vringBasesSent(vm: VmHandle, from = 0): Map<number, number> {
   return out;
 }
 
-/** Asserts that a packed base's two halves are both the used position `usedIdx` of `q`. */
+/** Asserts that both halves of `base`, a packed base of queue `index`, are its used position. */
 function assertBaseAt(vm: VmHandle, index: number, base: number, what: string): void {
   const q = packedQueue(vm, index);
   const at = q.readUsedIdx();
@@ -126,8 +127,8 @@ function transferred(vm: VmHandle, t: Transfer, bytes: number): Promise<void> {
 /** Both ends of `t` got everything, intact. */
 async function assertTransferIntact(t: Transfer): Promise<void> {
   const [atGuest, atHost] = await Promise.all([t.guestSide, t.hostSide]);
-  assert.ok(atGuest.every((b, i) => b === t.toGuest[i]), "host -> guest bytes intact");
-  assert.ok(atHost.every((b, i) => b === t.toHost[i]), "guest -> host bytes intact");
+  assertSameBytes(atGuest, t.toGuest, "host -> guest");
+  assertSameBytes(atHost, t.toHost, "guest -> host");
 }
 
 // ---------------------------------------------------------------------------------------

@@ -249,6 +249,9 @@ export class VsockGuest {
       this.features,
     );
     old?.release();
+    // Raw chains still outstanding were on the old rings, which are gone: the new rings hand
+    // out the same ids to the driver's own buffers.
+    for (const heads of this.#rawHeads) heads.clear();
     const setups = this.#rings.setups;
     if (this.#opts.kickBeforeEnable) {
       fe.startDevice(this.features, setups, { beforeEnable: () => this.#fillQueues() });
@@ -404,7 +407,8 @@ export class VsockGuest {
    * Driver reset, like `rmmod vmw_vsock_virtio_transport; modprobe ...`: connections are
    * dropped (no packets; `closeReason` "driver-reset"), the front end stops the device
    * (GET_VRING_BASE ...), then the driver probes again: features re-negotiated, CID re-read,
-   * new rings at new addresses with fresh bases, buffers re-posted. Listeners survive.
+   * new rings at new addresses with fresh bases, buffers re-posted. Listeners survive; raw
+   * chains still on the old rings are forgotten (they never show up in `rawUsed`).
    */
   resetDevice(): Promise<void> {
     this.#checkUsable();

@@ -15,6 +15,7 @@
 import {
   close,
   EAGAIN,
+  ECONNRESET,
   POLLERR,
   pollFds,
   POLLHUP,
@@ -117,6 +118,14 @@ export class VhostUserChannel {
     while (got < len) {
       const r = recvWithFds(this.#sock, this.#rxBuf.subarray(at + got), len - got);
       if (typeof r === "number") {
+        if (r === -ECONNRESET) {
+          // A back end that closes the socket with our request unread resets it: a
+          // disconnect like an EOF (e.g. a back end still serving another front end).
+          for (const fd of fds) close(fd);
+          throw new VhostUserError(
+            `${requestName(req)}: the back end closed the connection before replying (reset)`,
+          );
+        }
         if (r !== -EAGAIN) {
           throw new VhostUserError(
             `${requestName(req)}: receive failed: ${new SysError("recvmsg", -r).message}`,

@@ -23,7 +23,6 @@
  * Every wait has a deadline; failures quote the back end's stderr.
  */
 import assert from "node:assert/strict";
-import { Buffer } from "node:buffer";
 import {
   concat,
   type GuestConn,
@@ -33,8 +32,6 @@ import {
   readAll,
   readExactly,
   repoRoot,
-  startVm,
-  type StartVmOptions,
   VhostUserError,
   VIRTIO_VSOCK_OP_CREDIT_UPDATE,
   VIRTIO_VSOCK_OP_REQUEST,
@@ -59,6 +56,20 @@ import {
 } from "../../lib/vhost_user/messages.ts";
 import { VhostUserRequest as R } from "../../lib/vhost_user/protocol.ts";
 import { VRING_DESC_F_WRITE } from "../../lib/virtio/split_layout.ts";
+import {
+  assertSameBytes,
+  bulkFromGuest,
+  bulkFromHost,
+  concurrentConnections,
+  deviceStillWorks,
+  guestToHost,
+  hostToGuest,
+  logLines,
+  randomBytes,
+  roundTrip,
+  waitForLog,
+  withVm,
+} from "./vm_helpers.ts";
 
 const enc = new TextEncoder();
 const dec = new TextDecoder();
@@ -69,71 +80,6 @@ const PROFILES = ["qemu", "crosvm"] as const;
 // ---------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------
-
-/** `n` random bytes (getRandomValues fills at most 64 KiB per call). */
-function randomBytes(n: number): Uint8Array {
-  const out = new Uint8Array(n);
-  for (let off = 0; off < n; off += 65536) {
-    crypto.getRandomValues(out.subarray(off, Math.min(n, off + 65536)));
-  }
-  return out;
-}
-
-/** Deterministic pseudo-random bytes (so both ends can compute the expected data). */
-function randomBytesSeeded(n: number, seed: number): Uint8Array {
-  const out = new Uint8Array(n);
-  let x = (seed * 2654435761 + 12345) >>> 0 || 1;
-  for (let i = 0; i < n; i++) {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    out[i] = x & 0xff;
-  }
-  return out;
-}
-
-/** Byte-for-byte equality with a useful message (deepEqual on MiBs is slow and unreadable). */
-function assertSameBytes(got: Uint8Array, want: Uint8Array, what: string): void {
-  if (Buffer.compare(Buffer.from(got.buffer, got.byteOffset, got.length), want) === 0) return;
-  let i = 0;
-  while (i < got.length && i < want.length && got[i] === want[i]) i++;
-  assert.fail(
-    `${what}: ${got.length} bytes received, ${want.length} expected; first difference at ` +
-      `offset ${i}`,
-  );
-}
-
-/** Runs `fn` with a VM, always stopping it; appends the back end's stderr to failures. */
-async function withVm(opts: StartVmOptions, fn: (vm: VmHandle) => Promise<void>): Promise<void> {
-  const vm = await startVm(opts);
-  try {
-    await fn(vm);
-    assert.deepEqual(vm.guest.anomalies, [], "the guest saw back-end misbehaviour");
-  } catch (e) {
-    const exit = await vm.stop();
-    throw new Error(
-      `${e instanceof Error ? e.stack : e}\n--- back end stderr (tail) ---\n${
-        exit.stderr.slice(-6000)
-      }`,
-    );
-  }
-  const exit = await vm.stop();
-  assert.equal(exit.code, 0, `back end exit status after SIGTERM\n${exit.stderr.slice(-3000)}`);
-}
-
-/** Back-end log lines matching `re`. */
-function logLines(vm: VmHandle, re: RegExp): string[] {
-  return vm.backend.stderr().split("\n").filter((l) => re.test(l));
-}
-
-/** Waits (pumping the guest) until the back end logged a line matching `re`. */
-async function waitForLog(vm: VmHandle, re: RegExp, count = 1, timeoutMs = 5000): Promise<void> {
-  await vm.guest.waitFor(
-    () => logLines(vm, re).length >= count,
-    timeoutMs,
-    `${count} back-end log line(s) matching ${re}`,
-  );
-}
 
 /** Like `waitForLog` without pumping the guest (for when the vhost-user connection is gone). */
 async function waitForLogOnly(vm: VmHandle, re: RegExp, timeoutMs = 5000): Promise<void> {
@@ -234,110 +180,17 @@ function closeQuietly(conn: Deno.Conn): void {
   } catch { /* already closed */ }
 }
 
-/** Host -> guest connection + guest accept on `port` (the guest listener must exist). */
-async function hostToGuest(
-  vm: VmHandle,
-  port: number,
-  initialData?: Uint8Array,
-): Promise<{ host: Deno.UnixConn; hostPort: number; guest: GuestConn }> {
-  const listener = vm.guest.listen(port);
-  try {
-    const [h, guest] = await Promise.all([
-      vm.hostConnect(port, { initialData }),
-      listener.accept(),
-    ]);
-    return { host: h.conn, hostPort: h.hostPort, guest };
-  } finally {
-    listener.close();
-  }
-}
-
-/** Guest -> host connection to a host listener on `<uds>_<port>`. */
-async function guestToHost(
-  vm: VmHandle,
-  port: number,
-): Promise<{ host: Deno.UnixConn; guest: GuestConn }> {
-  const hl = vm.hostListen(port);
-  try {
-    const [guest, host] = await Promise.all([vm.guest.connect(port), hl.accept()]);
-    return { host, guest };
-  } finally {
-    hl.close();
-  }
-}
-
-/** Echo round trip guest <-> host on an open pair, proving the device still works. */
-async function roundTrip(guest: GuestConn, host: Deno.Conn, size: number, what: string) {
-  const a = randomBytes(size);
-  const [, gotByGuest] = await Promise.all([writeAll(host, a), guest.readExactly(size)]);
-  assertSameBytes(gotByGuest, a, `${what}: host -> guest`);
-  const b = randomBytes(size);
-  const [, gotByHost] = await Promise.all([guest.write(b), readExactly(host, size)]);
-  assertSameBytes(gotByHost, b, `${what}: guest -> host`);
-}
-
-/** A fresh host->guest and guest->host round trip on new connections (the device works). */
-async function deviceStillWorks(vm: VmHandle, port: number, what: string): Promise<void> {
-  const a = await hostToGuest(vm, port);
-  await roundTrip(a.guest, a.host, 100 * KiB, `${what} (host-initiated)`);
-  a.host.close();
-  await a.guest.close();
-  const b = await guestToHost(vm, port + 1);
-  await roundTrip(b.guest, b.host, 100 * KiB, `${what} (guest-initiated)`);
-  b.host.close();
-  await b.guest.close();
-}
-
 // ---------------------------------------------------------------------------------------
 // Data integrity
 // ---------------------------------------------------------------------------------------
 
 for (const profile of PROFILES) {
   Deno.test(`${profile}: host -> guest and back, 4 MiB random, data in the CONNECT write`, async () => {
-    await withVm({ profile }, async (vm) => {
-      const size = 4 * MiB;
-      const data = randomBytes(size);
-      // The first 3000 bytes ride in the same write as "CONNECT <port>\n".
-      const { host, guest } = await hostToGuest(vm, 5000, data.subarray(0, 3000));
-      const [, got] = await Promise.all([
-        writeAll(host, data.subarray(3000)),
-        guest.readExactly(size, { timeoutMs: 30000 }),
-      ]);
-      assertSameBytes(got, data, "host -> guest");
-      const back = randomBytes(size);
-      const [, gotBack] = await Promise.all([
-        guest.write(back, { timeoutMs: 30000 }),
-        readExactly(host, size, { timeoutMs: 30000 }),
-      ]);
-      assertSameBytes(gotBack, back, "guest -> host");
-      host.close();
-      assert.equal(await guest.read(), null, "EOF after the host closed");
-      await guest.close();
-      assert.equal(guest.creditViolations, 0);
-    });
+    await withVm({ profile }, (vm) => bulkFromHost(vm, 5000, 4 * MiB));
   });
 
   Deno.test(`${profile}: guest -> host and back, 4 MiB random each way`, async () => {
-    await withVm({ profile }, async (vm) => {
-      const size = 4 * MiB;
-      const { host, guest } = await guestToHost(vm, 6000);
-      const data = randomBytes(size);
-      const [, got] = await Promise.all([
-        guest.write(data, { timeoutMs: 30000 }),
-        readExactly(host, size, { timeoutMs: 30000 }),
-      ]);
-      assertSameBytes(got, data, "guest -> host");
-      const back = randomBytes(size);
-      const [, gotBack] = await Promise.all([
-        writeAll(host, back),
-        guest.readExactly(size, { timeoutMs: 30000 }),
-      ]);
-      assertSameBytes(gotBack, back, "host -> guest");
-      await guest.close();
-      assert.equal(guest.closeReason, "closed", "the back end confirmed the close with RST");
-      assert.equal((await readAll(host)).length, 0, "host reads EOF after the guest closed");
-      host.close();
-    });
+    await withVm({ profile }, (vm) => bulkFromGuest(vm, 6000, 4 * MiB));
   });
 }
 
@@ -723,82 +576,10 @@ for (const initiator of ["host", "guest"] as const) {
 // ---------------------------------------------------------------------------------------
 
 Deno.test("200 concurrent connections (100 each way), distinct data both directions", async () => {
-  await withVm({ profile: "qemu", guest: { connectTimeoutMs: 10000 } }, async (vm) => {
-    const N = 100;
-    const size = 24 * KiB;
-    const toGuest = (i: number) => randomBytesSeeded(size, i);
-    const fromGuest = (i: number) => randomBytesSeeded(size, 1000 + i);
-    const toHost = (i: number) => randomBytesSeeded(size, 2000 + i);
-    const fromHost = (i: number) => randomBytesSeeded(size, 3000 + i);
-
-    // Host-initiated: host sends toGuest(i), guest answers fromGuest(i).
-    const listener = vm.guest.listen(9600);
-    const hostSide = Array.from({ length: N }, async (_, i) => {
-      const h = await vm.hostConnect(9600, { timeoutMs: 20000 });
-      // The first 4 bytes name the connection, so the guest knows which answer to send.
-      const payload = toGuest(i);
-      new DataView(payload.buffer).setUint32(0, i);
-      await writeAll(h.conn, payload);
-      const got = await readExactly(h.conn, size, { timeoutMs: 30000 });
-      assertSameBytes(got, fromGuest(i), `host-initiated #${i}: answer`);
-      h.conn.close();
-    });
-    const serveGuest = async (c: GuestConn) => {
-      const got = await c.readExactly(size, { timeoutMs: 30000 });
-      const i = new DataView(got.buffer).getUint32(0);
-      const want = toGuest(i);
-      new DataView(want.buffer).setUint32(0, i);
-      assertSameBytes(got, want, `host-initiated #${i}: request`);
-      await c.write(fromGuest(i), { timeoutMs: 30000 });
-      assert.equal(await c.read(Infinity, { timeoutMs: 30000 }), null);
-      await c.close();
-    };
-    // One accept at a time, like a server's accept loop; each connection served concurrently.
-    const guestServers: Promise<void>[] = [];
-    const guestAcceptLoop = (async () => {
-      for (let n = 0; n < N; n++) {
-        const served = serveGuest(await listener.accept({ timeoutMs: 30000 }));
-        served.catch(() => {}); // awaited below; must not go unhandled meanwhile
-        guestServers.push(served);
-      }
-    })();
-
-    // Guest-initiated: guest sends toHost(i), host answers fromHost(i).
-    const hl = vm.hostListen(9601);
-    const guestClients = Array.from({ length: N }, async (_, i) => {
-      const c = await vm.guest.connect(9601);
-      const payload = toHost(i);
-      new DataView(payload.buffer).setUint32(0, i);
-      await c.write(payload, { timeoutMs: 30000 });
-      const got = await c.readExactly(size, { timeoutMs: 30000 });
-      assertSameBytes(got, fromHost(i), `guest-initiated #${i}: answer`);
-      await c.close();
-    });
-    const serveHost = async (h: Deno.UnixConn) => {
-      const got = await readExactly(h, size, { timeoutMs: 30000 });
-      const i = new DataView(got.buffer).getUint32(0);
-      const want = toHost(i);
-      new DataView(want.buffer).setUint32(0, i);
-      assertSameBytes(got, want, `guest-initiated #${i}: request`);
-      await writeAll(h, fromHost(i));
-      assert.equal((await readAll(h, { timeoutMs: 30000 })).length, 0);
-      h.close();
-    };
-    // Deno allows one pending accept per listener: accept in a loop, serve concurrently.
-    const hostServers: Promise<void>[] = [];
-    const acceptLoop = (async () => {
-      for (let n = 0; n < N; n++) {
-        const served = serveHost(await hl.accept({ timeoutMs: 30000 }));
-        served.catch(() => {}); // awaited below; must not go unhandled meanwhile
-        hostServers.push(served);
-      }
-    })();
-    await Promise.all([...hostSide, ...guestClients, guestAcceptLoop, acceptLoop]);
-    await Promise.all([...guestServers, ...hostServers]);
-    listener.close();
-    hl.close();
-    assert.equal(vm.guest.connections.length, 0, "every connection ended");
-  });
+  await withVm(
+    { profile: "qemu", guest: { connectTimeoutMs: 10000 } },
+    (vm) => concurrentConnections(vm, 9600, 100, 24 * KiB),
+  );
 });
 
 Deno.test("--max-connections 8: the 9th is refused both ways, and works after one closes", async () => {

@@ -2,7 +2,8 @@
  * Datagrams end to end (`--dgram`, VIRTIO_VSOCK_F_DGRAM): the testing guest's datagram
  * sockets against the real back end and host apps on SOCK_DGRAM Unix sockets, with the
  * `<guest-port>\n` line of the host-side mapping; replies both ways; bounded drops; and a
- * back end without `--dgram` never offers the bit.
+ * back end without `--dgram` never offers the bit. Datagrams and their drops run over split
+ * and packed virtqueues alike.
  */
 import assert from "node:assert/strict";
 import {
@@ -54,74 +55,87 @@ class HostDgram {
   }
 }
 
-Deno.test("datagrams: guest -> host app -> reply -> guest, with the port line", async () => {
-  const vm = await startVm({ profile: "crosvm", backend: { extraArgs: ["--dgram"] } });
-  const app = new HostDgram(vm, 7000);
-  try {
-    assert.ok(
-      ((vm.frontEnd.ackedFeatures ?? 0n) & featureMask(VIRTIO_VSOCK_F_DGRAM)) !== 0n,
-      "the guest acked VIRTIO_VSOCK_F_DGRAM",
-    );
-    const sock = vm.guest.bindDgram(5555);
-    await sock.sendTo(2, 7000, enc.encode("hello host"));
-    const got = await app.recv();
-    assert.equal(dec.decode(got.data), "5555\nhello host");
-    assert.equal(got.from, `${vm.udsPath}.dgram`);
-    // The app answers the guest's port; the guest sees it from CID 2, port 7000.
-    assert.equal(app.sendTo(5555, enc.encode("hello guest")), 5 + 11);
-    const back = await sock.recvFrom({ timeoutMs: 3000 });
-    assert.deepEqual([back.cid, back.port, dec.decode(back.data)], [2, 7000, "hello guest"]);
-    // Boundaries: each datagram arrives whole and separate, up to 60 KB.
-    for (const size of [1, 4096, 60_000]) {
-      await sock.sendTo(2, 7000, new Uint8Array(size).fill(size & 0xff));
-      const d = await app.recv();
-      assert.equal(d.data.length, 5 + size);
-    }
-    sock.close();
-  } finally {
-    app.close();
-    await vm.stop();
-  }
-});
+for (const packed of [false, true]) {
+  const rings = packed ? "packed" : "split";
 
-Deno.test("datagrams: a flood the guest does not read is dropped and counted, then held back, never queued without bound", async () => {
-  const vm = await startVm({ profile: "crosvm", backend: { extraArgs: ["--dgram"] } });
-  const app = new HostDgram(vm, 7001);
-  try {
-    const sock = vm.guest.bindDgram(6000);
-    vm.faults.starveRx(); // the guest stops giving rx buffers back: everything backs up
-    let sent = 0;
-    for (let i = 0; i < 3000; i++) {
-      if (app.sendTo(6000, new Uint8Array(1000)) > 0) sent++;
-      if (i % 100 === 0) await vm.guest.idle(1);
+  Deno.test(`datagrams: guest -> host app -> reply -> guest, with the port line [${rings} rings]`, async () => {
+    const vm = await startVm({
+      profile: "crosvm",
+      backend: { extraArgs: ["--dgram"] },
+      frontEnd: { packed },
+    });
+    const app = new HostDgram(vm, 7000);
+    try {
+      assert.equal(vm.guest.packed, packed);
+      assert.ok(
+        ((vm.frontEnd.ackedFeatures ?? 0n) & featureMask(VIRTIO_VSOCK_F_DGRAM)) !== 0n,
+        "the guest acked VIRTIO_VSOCK_F_DGRAM",
+      );
+      const sock = vm.guest.bindDgram(5555);
+      await sock.sendTo(2, 7000, enc.encode("hello host"));
+      const got = await app.recv();
+      assert.equal(dec.decode(got.data), "5555\nhello host");
+      assert.equal(got.from, `${vm.udsPath}.dgram`);
+      // The app answers the guest's port; the guest sees it from CID 2, port 7000.
+      assert.equal(app.sendTo(5555, enc.encode("hello guest")), 5 + 11);
+      const back = await sock.recvFrom({ timeoutMs: 3000 });
+      assert.deepEqual([back.cid, back.port, dec.decode(back.data)], [2, 7000, "hello guest"]);
+      // Boundaries: each datagram arrives whole and separate, up to 60 KB.
+      for (const size of [1, 4096, 60_000]) {
+        await sock.sendTo(2, 7000, new Uint8Array(size).fill(size & 0xff));
+        const d = await app.recv();
+        assert.equal(d.data.length, 5 + size);
+      }
+      sock.close();
+    } finally {
+      app.close();
+      await vm.stop();
     }
-    await vm.guest.idle(300);
-    // The back end dropped what did not fit (logged, rate-limited), then stopped reading until
-    // the guest takes datagrams: the kernel's queue filled and the host app got EAGAIN
-    // (back-pressure) instead of the back end reading datagrams only to drop them.
-    assert.ok(sent > 64, `only ${sent} datagrams could be sent`);
-    assert.ok(sent < 3000, "the host app felt back-pressure (EAGAIN)");
-    await vm.guest.waitFor(
-      () => /datagram to the guest dropped/.test(vm.backend.stderr()),
-      3000,
-      "a drop line",
-    );
-    const lines = vm.backend.stderr().split("\n").filter((l) => /datagram/.test(l)).length;
-    assert.ok(lines < 20, `${lines} datagram log lines`);
-    // Streams still work alongside once the guest posts buffers again.
-    vm.faults.refillRx();
-    const listener = vm.guest.listen(5000);
-    const [host, conn] = await Promise.all([vm.hostConnect(5000), listener.accept()]);
-    await host.conn.write(enc.encode("ping"));
-    assert.equal(dec.decode(await conn.readExactly(4)), "ping");
-    host.conn.close();
-    await conn.close();
-    sock.close();
-  } finally {
-    app.close();
-    await vm.stop();
-  }
-});
+  });
+
+  Deno.test(`datagrams: a flood the guest does not read is dropped and counted, then held back, never queued without bound [${rings} rings]`, async () => {
+    const vm = await startVm({
+      profile: "crosvm",
+      backend: { extraArgs: ["--dgram"] },
+      frontEnd: { packed },
+    });
+    const app = new HostDgram(vm, 7001);
+    try {
+      const sock = vm.guest.bindDgram(6000);
+      vm.faults.starveRx(); // the guest stops giving rx buffers back: everything backs up
+      let sent = 0;
+      for (let i = 0; i < 3000; i++) {
+        if (app.sendTo(6000, new Uint8Array(1000)) > 0) sent++;
+        if (i % 100 === 0) await vm.guest.idle(1);
+      }
+      await vm.guest.idle(300);
+      // The back end dropped what did not fit (logged, rate-limited), then stopped reading until
+      // the guest takes datagrams: the kernel's queue filled and the host app got EAGAIN
+      // (back-pressure) instead of the back end reading datagrams only to drop them.
+      assert.ok(sent > 64, `only ${sent} datagrams could be sent`);
+      assert.ok(sent < 3000, "the host app felt back-pressure (EAGAIN)");
+      await vm.guest.waitFor(
+        () => /datagram to the guest dropped/.test(vm.backend.stderr()),
+        3000,
+        "a drop line",
+      );
+      const lines = vm.backend.stderr().split("\n").filter((l) => /datagram/.test(l)).length;
+      assert.ok(lines < 20, `${lines} datagram log lines`);
+      // Streams still work alongside once the guest posts buffers again.
+      vm.faults.refillRx();
+      const listener = vm.guest.listen(5000);
+      const [host, conn] = await Promise.all([vm.hostConnect(5000), listener.accept()]);
+      await host.conn.write(enc.encode("ping"));
+      assert.equal(dec.decode(await conn.readExactly(4)), "ping");
+      host.conn.close();
+      await conn.close();
+      sock.close();
+    } finally {
+      app.close();
+      await vm.stop();
+    }
+  });
+}
 
 Deno.test("datagrams: without --dgram the bit is not offered and nothing is bound", async () => {
   const vm = await startVm({ profile: "crosvm" });

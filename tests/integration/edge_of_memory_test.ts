@@ -10,6 +10,7 @@
  *   logged, and the device keeps working; followed by the adjacent region, a buffer continues
  *   there (an indirect table never may: it must lie inside one region).
  * A back end whose bounds check is off by one reads or writes the byte after a mapping here.
+ * Split and packed rings alike.
  */
 
 import assert from "node:assert/strict";
@@ -31,6 +32,7 @@ import {
   VRING_DESC_SIZE,
   writeDescriptor,
 } from "../../lib/virtio/split_layout.ts";
+import { writePackedDescriptor } from "../../lib/testing/driver_packed_queue.ts";
 
 const MiB = 1024 * 1024;
 const REGIONS = [
@@ -42,13 +44,14 @@ const REGIONS = [
 /** A host port nobody listens on: packets to it get RST. */
 const NOBODY = 7777;
 
-async function withEdgeVm(fn: (vm: VmHandle) => Promise<void>): Promise<void> {
+async function withEdgeVm(packed: boolean, fn: (vm: VmHandle) => Promise<void>): Promise<void> {
   const vm = await startVm({
     profile: "qemu", // INDIRECT_DESC negotiated
-    frontEnd: { regions: REGIONS },
+    frontEnd: { regions: REGIONS, packed },
     guest: { rxBuffers: 4, timeoutMs: 5000 },
   });
   try {
+    assert.equal(vm.guest.packed, packed);
     await fn(vm);
     assert.deepEqual(vm.guest.anomalies, []);
   } catch (e) {
@@ -89,13 +92,21 @@ function readWherever(vm: VmHandle, gpa: number, len: number): Uint8Array {
   return out;
 }
 
-/** Encodes `descs` as a descriptor table (next = the following entry). */
-function table(descs: readonly { addr: number; len: number; flags: number }[]): Uint8Array {
+/**
+ * Encodes `descs` as an indirect descriptor table in the layout of the VM's rings (split: next =
+ * the following entry; packed: consecutive entries, id 0).
+ */
+function table(
+  vm: VmHandle,
+  descs: readonly { addr: number; len: number; flags: number }[],
+): Uint8Array {
   const b = new Uint8Array(VRING_DESC_SIZE * descs.length);
   const v = new DataView(b.buffer);
   descs.forEach((d, k) => {
     const last = k === descs.length - 1;
-    writeDescriptor(v, VRING_DESC_SIZE * k, d.addr, d.len, d.flags | (last ? 0 : 1), k + 1);
+    const flags = d.flags | (last ? 0 : VRING_DESC_F_NEXT);
+    if (vm.guest.packed) writePackedDescriptor(v, VRING_DESC_SIZE * k, d.addr, d.len, 0, flags);
+    else writeDescriptor(v, VRING_DESC_SIZE * k, d.addr, d.len, flags, k + 1);
   });
   return b;
 }
@@ -145,169 +156,172 @@ async function expectInvalidLines(vm: VmHandle, which: "tx" | "rx", n: number): 
   assert.equal(invalidLines(vm, which), n, `one log line per rejected ${which} chain`);
 }
 
-Deno.test(
-  "tx buffers and indirect tables ending exactly at each region's end are used; one byte past is rejected and logged",
-  withTimeout(60_000, async () => {
-    await withEdgeVm(async (vm) => {
-      const cap = vm.guest.capture();
-      const accepted: [string, number][] = [];
-      const rejected: [string, number][] = [];
-      let port = 40000;
-      const elsewhere = vm.faults.allocGuest(256);
-      for (let i = 0; i < REGIONS.length; i++) {
-        const { end, adjacent } = edge(vm, i);
-        const cases: [string, (p: number) => RawDescriptor[], boolean][] = [
-          ["header ending at the end", (p) => {
-            vm.memory.write(end - 44, probeHeader(vm, p, 0));
-            return [{ addr: end - 44, len: 44, flags: 0 }];
-          }, true],
-          ["payload ending at the end", (p) => {
-            vm.memory.write(elsewhere, probeHeader(vm, p, 100));
-            return [{ addr: elsewhere, len: 44, flags: VRING_DESC_F_NEXT }, {
-              addr: end - 100,
-              len: 100,
-              flags: 0,
-            }];
-          }, true],
-          ["header one byte past the end", (p) => {
-            writeWherever(vm, end - 43, probeHeader(vm, p, 0));
-            return [{ addr: end - 43, len: 44, flags: 0 }];
-          }, adjacent],
-          ["indirect table ending at the end", (p) => {
-            vm.memory.write(elsewhere, probeHeader(vm, p, 0));
-            vm.memory.write(end - 16, table([{ addr: elsewhere, len: 44, flags: 0 }]));
-            return [{ addr: end - 16, len: 16, flags: VRING_DESC_F_INDIRECT }];
-          }, true],
-          ["indirect table one byte past the end", (p) => {
-            vm.memory.write(elsewhere, probeHeader(vm, p, 0));
-            writeWherever(vm, end - 15, table([{ addr: elsewhere, len: 44, flags: 0 }]));
-            return [{ addr: end - 15, len: 16, flags: VRING_DESC_F_INDIRECT }];
-          }, false],
-        ];
-        if (i === REGIONS.length - 1) {
-          cases.push(["payload one byte past the end", (p) => {
-            vm.memory.write(elsewhere, probeHeader(vm, p, 100));
-            return [{ addr: elsewhere, len: 44, flags: VRING_DESC_F_NEXT }, {
-              addr: end - 99,
-              len: 100,
-              flags: 0,
-            }];
-          }, false]);
+for (const packed of [false, true]) {
+  const rings = packed ? "packed" : "split";
+  Deno.test(
+    `tx buffers and indirect tables ending exactly at each region's end are used; one byte past is rejected and logged [${rings} rings]`,
+    withTimeout(60_000, async () => {
+      await withEdgeVm(packed, async (vm) => {
+        const cap = vm.guest.capture();
+        const accepted: [string, number][] = [];
+        const rejected: [string, number][] = [];
+        let port = 40000;
+        const elsewhere = vm.faults.allocGuest(256);
+        for (let i = 0; i < REGIONS.length; i++) {
+          const { end, adjacent } = edge(vm, i);
+          const cases: [string, (p: number) => RawDescriptor[], boolean][] = [
+            ["header ending at the end", (p) => {
+              vm.memory.write(end - 44, probeHeader(vm, p, 0));
+              return [{ addr: end - 44, len: 44, flags: 0 }];
+            }, true],
+            ["payload ending at the end", (p) => {
+              vm.memory.write(elsewhere, probeHeader(vm, p, 100));
+              return [{ addr: elsewhere, len: 44, flags: VRING_DESC_F_NEXT }, {
+                addr: end - 100,
+                len: 100,
+                flags: 0,
+              }];
+            }, true],
+            ["header one byte past the end", (p) => {
+              writeWherever(vm, end - 43, probeHeader(vm, p, 0));
+              return [{ addr: end - 43, len: 44, flags: 0 }];
+            }, adjacent],
+            ["indirect table ending at the end", (p) => {
+              vm.memory.write(elsewhere, probeHeader(vm, p, 0));
+              vm.memory.write(end - 16, table(vm, [{ addr: elsewhere, len: 44, flags: 0 }]));
+              return [{ addr: end - 16, len: 16, flags: VRING_DESC_F_INDIRECT }];
+            }, true],
+            ["indirect table one byte past the end", (p) => {
+              vm.memory.write(elsewhere, probeHeader(vm, p, 0));
+              writeWherever(vm, end - 15, table(vm, [{ addr: elsewhere, len: 44, flags: 0 }]));
+              return [{ addr: end - 15, len: 16, flags: VRING_DESC_F_INDIRECT }];
+            }, false],
+          ];
+          if (i === REGIONS.length - 1) {
+            cases.push(["payload one byte past the end", (p) => {
+              vm.memory.write(elsewhere, probeHeader(vm, p, 100));
+              return [{ addr: elsewhere, len: 44, flags: VRING_DESC_F_NEXT }, {
+                addr: end - 99,
+                len: 100,
+                flags: 0,
+              }];
+            }, false]);
+          }
+          for (const [what, build, ok] of cases) {
+            const p = port++;
+            assert.equal(await submit(vm, 1, build(p)), 0, `${what} of region ${i}: used len`);
+            (ok ? accepted : rejected).push([`${what} of region ${i}`, p]);
+          }
         }
-        for (const [what, build, ok] of cases) {
-          const p = port++;
-          assert.equal(await submit(vm, 1, build(p)), 0, `${what} of region ${i}: used len`);
-          (ok ? accepted : rejected).push([`${what} of region ${i}`, p]);
-        }
-      }
-      // A last good probe: RSTs come in order, so once it is answered every earlier one is.
-      const last = port++;
-      vm.faults.sendRawPacket({ srcPort: last, dstPort: NOBODY });
-      await vm.guest.waitFor(() => rstFor(cap.packets, last), 5000, "the last probe's RST");
-      for (const [what, p] of accepted) assert.ok(rstFor(cap.packets, p), `${what}: no RST`);
-      for (const [what, p] of rejected) assert.ok(!rstFor(cap.packets, p), `${what}: acted on`);
-      await expectInvalidLines(vm, "tx", rejected.length);
-      assert.ok(vm.backend.running);
-    });
-  }),
-);
+        // A last good probe: RSTs come in order, so once it is answered every earlier one is.
+        const last = port++;
+        vm.faults.sendRawPacket({ srcPort: last, dstPort: NOBODY });
+        await vm.guest.waitFor(() => rstFor(cap.packets, last), 5000, "the last probe's RST");
+        for (const [what, p] of accepted) assert.ok(rstFor(cap.packets, p), `${what}: no RST`);
+        for (const [what, p] of rejected) assert.ok(!rstFor(cap.packets, p), `${what}: acted on`);
+        await expectInvalidLines(vm, "tx", rejected.length);
+        assert.ok(vm.backend.running);
+      });
+    }),
+  );
 
-Deno.test(
-  "rx buffers and indirect tables ending exactly at each region's end receive packets; one byte past is rejected and logged",
-  withTimeout(60_000, async () => {
-    await withEdgeVm(async (vm) => {
-      const cap = vm.guest.capture();
-      vm.faults.starveRx();
-      // Use up the driver's own rx buffers: from now on only raw ones are posted.
-      let port = 50000;
-      const first = port;
-      while (vm.guest.rxPosted > 0) {
+  Deno.test(
+    `rx buffers and indirect tables ending exactly at each region's end receive packets; one byte past is rejected and logged [${rings} rings]`,
+    withTimeout(60_000, async () => {
+      await withEdgeVm(packed, async (vm) => {
+        const cap = vm.guest.capture();
+        vm.faults.starveRx();
+        // Use up the driver's own rx buffers: from now on only raw ones are posted.
+        let port = 50000;
+        const first = port;
+        while (vm.guest.rxPosted > 0) {
+          const p = port++;
+          vm.faults.sendRawPacket({ srcPort: p, dstPort: NOBODY });
+          await vm.guest.waitFor(() => rstFor(cap.packets, p), 5000, "an RST in a driver buffer");
+        }
+        assert.ok(port - first >= 4);
+        const elsewhere = vm.faults.allocGuest(256);
+        /** ports probed whose RST has not been seen in a raw buffer yet, oldest first */
+        const owed: number[] = [];
+        let rejected = 0;
+        const expectRst = (bytes: Uint8Array, what: string) => {
+          const h = new PacketHeader().decodeFrom(new DataView(bytes.buffer), 0);
+          assert.equal(h.op, VIRTIO_VSOCK_OP_RST, `${what}: ${h.describe()}`);
+          assert.equal(h.dstPort, owed.shift(), `${what}: the oldest RST owed`);
+        };
+        for (let i = 0; i < REGIONS.length; i++) {
+          const { end, adjacent } = edge(vm, i);
+          const read = (gpa: number, len: number) => readWherever(vm, gpa, len);
+          const cases: [string, RawDescriptor[], boolean, () => Uint8Array][] = [
+            [
+              "buffer ending at the end",
+              [{ addr: end - 44, len: 44, flags: VRING_DESC_F_WRITE }],
+              true,
+              () => read(end - 44, 44),
+            ],
+            [
+              "header split, second part ending at the end",
+              [
+                { addr: end - 200, len: 20, flags: VRING_DESC_F_WRITE | VRING_DESC_F_NEXT },
+                { addr: end - 24, len: 24, flags: VRING_DESC_F_WRITE },
+              ],
+              true,
+              () => new Uint8Array([...read(end - 200, 20), ...read(end - 24, 24)]),
+            ],
+            [
+              "buffer one byte past the end",
+              [{ addr: end - 43, len: 44, flags: VRING_DESC_F_WRITE }],
+              adjacent,
+              () => read(end - 43, 44),
+            ],
+            [
+              "indirect table ending at the end",
+              [{
+                addr: end - 16,
+                len: 16,
+                flags: VRING_DESC_F_INDIRECT,
+              }],
+              true,
+              () => read(elsewhere, 44),
+            ],
+            [
+              "indirect table one byte past the end",
+              [{
+                addr: end - 15,
+                len: 16,
+                flags: VRING_DESC_F_INDIRECT,
+              }],
+              false,
+              () => read(elsewhere, 44),
+            ],
+          ];
+          for (const [what, descs, ok, got] of cases) {
+            const at = `${what} of region ${i}`;
+            const t = table(vm, [{ addr: elsewhere, len: 44, flags: VRING_DESC_F_WRITE }]);
+            if (descs[0].flags & VRING_DESC_F_INDIRECT) {
+              writeWherever(vm, Number(descs[0].addr), t);
+            }
+            if (owed.length === 0) {
+              owed.push(port);
+              vm.faults.sendRawPacket({ srcPort: port++, dstPort: NOBODY });
+            }
+            const len = await submit(vm, VSOCK_VQ_RX, descs);
+            if (ok) {
+              assert.equal(len, VIRTIO_VSOCK_HDR_SIZE, `${at}: used len`);
+              expectRst(got(), at);
+            } else {
+              assert.equal(len, 0, `${at}: used len`);
+              rejected++;
+            }
+          }
+        }
+        await expectInvalidLines(vm, "rx", rejected);
+        // The device still works with ordinary buffers.
+        vm.faults.refillRx();
         const p = port++;
         vm.faults.sendRawPacket({ srcPort: p, dstPort: NOBODY });
-        await vm.guest.waitFor(() => rstFor(cap.packets, p), 5000, "an RST in a driver buffer");
-      }
-      assert.ok(port - first >= 4);
-      const elsewhere = vm.faults.allocGuest(256);
-      /** ports probed whose RST has not been seen in a raw buffer yet, oldest first */
-      const owed: number[] = [];
-      let rejected = 0;
-      const expectRst = (bytes: Uint8Array, what: string) => {
-        const h = new PacketHeader().decodeFrom(new DataView(bytes.buffer), 0);
-        assert.equal(h.op, VIRTIO_VSOCK_OP_RST, `${what}: ${h.describe()}`);
-        assert.equal(h.dstPort, owed.shift(), `${what}: the oldest RST owed`);
-      };
-      for (let i = 0; i < REGIONS.length; i++) {
-        const { end, adjacent } = edge(vm, i);
-        const read = (gpa: number, len: number) => readWherever(vm, gpa, len);
-        const cases: [string, RawDescriptor[], boolean, () => Uint8Array][] = [
-          [
-            "buffer ending at the end",
-            [{ addr: end - 44, len: 44, flags: VRING_DESC_F_WRITE }],
-            true,
-            () => read(end - 44, 44),
-          ],
-          [
-            "header split, second part ending at the end",
-            [
-              { addr: end - 200, len: 20, flags: VRING_DESC_F_WRITE | VRING_DESC_F_NEXT },
-              { addr: end - 24, len: 24, flags: VRING_DESC_F_WRITE },
-            ],
-            true,
-            () => new Uint8Array([...read(end - 200, 20), ...read(end - 24, 24)]),
-          ],
-          [
-            "buffer one byte past the end",
-            [{ addr: end - 43, len: 44, flags: VRING_DESC_F_WRITE }],
-            adjacent,
-            () => read(end - 43, 44),
-          ],
-          [
-            "indirect table ending at the end",
-            [{
-              addr: end - 16,
-              len: 16,
-              flags: VRING_DESC_F_INDIRECT,
-            }],
-            true,
-            () => read(elsewhere, 44),
-          ],
-          [
-            "indirect table one byte past the end",
-            [{
-              addr: end - 15,
-              len: 16,
-              flags: VRING_DESC_F_INDIRECT,
-            }],
-            false,
-            () => read(elsewhere, 44),
-          ],
-        ];
-        for (const [what, descs, ok, got] of cases) {
-          const at = `${what} of region ${i}`;
-          const t = table([{ addr: elsewhere, len: 44, flags: VRING_DESC_F_WRITE }]);
-          if (descs[0].flags & VRING_DESC_F_INDIRECT) {
-            writeWherever(vm, Number(descs[0].addr), t);
-          }
-          if (owed.length === 0) {
-            owed.push(port);
-            vm.faults.sendRawPacket({ srcPort: port++, dstPort: NOBODY });
-          }
-          const len = await submit(vm, VSOCK_VQ_RX, descs);
-          if (ok) {
-            assert.equal(len, VIRTIO_VSOCK_HDR_SIZE, `${at}: used len`);
-            expectRst(got(), at);
-          } else {
-            assert.equal(len, 0, `${at}: used len`);
-            rejected++;
-          }
-        }
-      }
-      await expectInvalidLines(vm, "rx", rejected);
-      // The device still works with ordinary buffers.
-      vm.faults.refillRx();
-      const p = port++;
-      vm.faults.sendRawPacket({ srcPort: p, dstPort: NOBODY });
-      await vm.guest.waitFor(() => rstFor(cap.packets, p), 5000, "an RST after the edge cases");
-    });
-  }),
-);
+        await vm.guest.waitFor(() => rstFor(cap.packets, p), 5000, "an RST after the edge cases");
+      });
+    }),
+  );
+}

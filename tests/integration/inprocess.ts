@@ -1,20 +1,25 @@
 /**
  * In-process harness for device-level race tests: a real `VsockDevice` on a real
  * `Reactor`, its rings in memfd-backed guest memory that this thread also drives
- * as the guest (DriverSplitQueue), with a hook on every device write to guest
- * memory. Everything runs on the test's thread, so a test can stop the device
- * between two of its own steps and interleave guest actions exactly there.
+ * as the guest (`DriverSplitQueue`, or with `packed` `DriverPackedQueue` over the
+ * device's `PackedQueue`: VIRTIO_F_RING_PACKED), with a hook on every device write
+ * to guest memory. Everything runs on the test's thread, so a test can stop the
+ * device between two of its own steps and interleave guest actions exactly there.
  */
 import { close, type Mapping, mapShared, memfdCreate, unmap } from "../../ffi/mod.ts";
 import { Reactor } from "../../lib/reactor.ts";
 import { VsockDevice } from "../../lib/vsock/device.ts";
 import { findRegion, type GuestMemory, type MemRegion } from "../../lib/virtio/memory.ts";
 import { SplitQueue } from "../../lib/virtio/split_queue.ts";
-import { compactRingLayout } from "../../lib/virtio/split_layout.ts";
+import { PackedQueue } from "../../lib/virtio/packed_queue.ts";
+import { availEventOffset, compactRingLayout } from "../../lib/virtio/split_layout.ts";
+import { compactPackedRingLayout, PACKED_EVENT_OFF_WRAP } from "../../lib/virtio/packed_layout.ts";
 import { DriverSplitQueue } from "../../lib/testing/driver_queue.ts";
+import { DriverPackedQueue } from "../../lib/testing/driver_packed_queue.ts";
 import { PacketHeader } from "../../lib/vsock/packet.ts";
 import { VIRTIO_VSOCK_HDR_SIZE } from "../../lib/vsock/constants.ts";
 import {
+  VIRTIO_F_RING_PACKED_MASK,
   VIRTIO_F_VERSION_1_MASK,
   VIRTIO_RING_F_EVENT_IDX_MASK,
 } from "../../lib/virtio/features.ts";
@@ -55,21 +60,53 @@ const TX_RING = 0x8000;
 const BUFFERS = 0x20000;
 const BUF_SIZE = 4096 + VIRTIO_VSOCK_HDR_SIZE;
 
-export class InProcessVm {
+/** The driver side of a ring in the layout `P` says (true: packed). */
+export type DriverQueueOf<P extends boolean> = P extends true ? DriverPackedQueue
+  : DriverSplitQueue;
+/** The device side of a ring in the layout `P` says (true: packed). */
+export type DeviceQueueOf<P extends boolean> = P extends true ? PackedQueue : SplitQueue;
+
+/** Both sides of one ring at `gpa` (EVENT_IDX on, no indirect descriptors). */
+function ringAt<P extends boolean>(
+  mem: HookedMemory,
+  gpa: number,
+  packed: P,
+): { dev: DeviceQueueOf<P>; drv: DriverQueueOf<P> } {
+  const opts = { eventIdx: true, indirect: false };
+  if (packed) {
+    const l = compactPackedRingLayout(QUEUE_SIZE, gpa);
+    const a = [l.descGpa, l.driverEventGpa, l.deviceEventGpa] as const;
+    return {
+      dev: new PackedQueue(QUEUE_SIZE, mem, ...a, opts) as DeviceQueueOf<P>,
+      drv: new DriverPackedQueue(mem, QUEUE_SIZE, ...a, opts) as DriverQueueOf<P>,
+    };
+  }
+  const l = compactRingLayout(QUEUE_SIZE, gpa, true);
+  const a = [l.descGpa, l.availGpa, l.usedGpa] as const;
+  return {
+    dev: new SplitQueue(QUEUE_SIZE, mem, ...a, opts) as DeviceQueueOf<P>,
+    drv: new DriverSplitQueue(mem, QUEUE_SIZE, ...a, opts) as DriverQueueOf<P>,
+  };
+}
+
+export class InProcessVm<P extends boolean = false> {
   readonly reactor = new Reactor();
   readonly mem = new HookedMemory(4 << 20);
   readonly dir = Deno.makeTempDirSync({ prefix: "vuv-inproc-" });
   readonly udsPath = `${this.dir}/vm.vsock`;
   readonly device: VsockDevice;
-  readonly rxDev: SplitQueue;
-  readonly txDev: SplitQueue;
-  readonly rxDrv: DriverSplitQueue;
-  readonly txDrv: DriverSplitQueue;
+  readonly rxDev: DeviceQueueOf<P>;
+  readonly txDev: DeviceQueueOf<P>;
+  readonly rxDrv: DriverQueueOf<P>;
+  readonly txDrv: DriverQueueOf<P>;
   rxCalls = 0;
   txCalls = 0;
   #nextBuf = BUFFERS;
+  /** packed: rx buffer id -> its guest address */
+  readonly #bufs = new Map<number, number>();
 
-  constructor(readonly guestCid = 3) {
+  /** A device with split rings, or packed rings with `packed` true. */
+  constructor(readonly guestCid = 3, readonly packed: P = false as P) {
     this.device = new VsockDevice({
       guestCid,
       udsPath: this.udsPath,
@@ -79,18 +116,25 @@ export class InProcessVm {
       maxConnections: 64,
     });
     this.device.attach(this.reactor);
-    this.device.setFeatures(VIRTIO_F_VERSION_1_MASK | VIRTIO_RING_F_EVENT_IDX_MASK);
-    const rx = compactRingLayout(QUEUE_SIZE, RX_RING, true);
-    const tx = compactRingLayout(QUEUE_SIZE, TX_RING, true);
-    const opts = { eventIdx: true, indirect: false };
-    this.rxDev = new SplitQueue(QUEUE_SIZE, this.mem, rx.descGpa, rx.availGpa, rx.usedGpa, opts);
-    this.txDev = new SplitQueue(QUEUE_SIZE, this.mem, tx.descGpa, tx.availGpa, tx.usedGpa, opts);
-    this.rxDrv = new DriverSplitQueue(this.mem, QUEUE_SIZE, rx.descGpa, rx.availGpa, rx.usedGpa, {
-      eventIdx: true,
-    });
-    this.txDrv = new DriverSplitQueue(this.mem, QUEUE_SIZE, tx.descGpa, tx.availGpa, tx.usedGpa, {
-      eventIdx: true,
-    });
+    this.device.setFeatures(
+      VIRTIO_F_VERSION_1_MASK | VIRTIO_RING_F_EVENT_IDX_MASK |
+        (packed ? VIRTIO_F_RING_PACKED_MASK : 0n),
+    );
+    const rx = ringAt(this.mem, RX_RING, packed);
+    const tx = ringAt(this.mem, TX_RING, packed);
+    this.rxDev = rx.dev;
+    this.rxDrv = rx.drv;
+    this.txDev = tx.dev;
+    this.txDrv = tx.drv;
+  }
+
+  /**
+   * Where the device writes when it re-enables notifications of `q` (EVENT_IDX): a split
+   * ring's avail_event, a packed ring's device event suppression off_wrap.
+   */
+  notifyEnableGpa(q: DriverSplitQueue | DriverPackedQueue): number {
+    if (q.packed) return q.deviceEventGpa + PACKED_EVENT_OFF_WRAP;
+    return q.usedGpa + availEventOffset(q.size);
   }
 
   /** Hands both rings to the device, as the back end does when they become active. */
@@ -114,13 +158,12 @@ export class InProcessVm {
     for (let i = 0; i < n; i++) {
       const gpa = this.#nextBuf;
       this.#nextBuf += BUF_SIZE + 12;
-      this.rxDrv.addBuffer([{ gpa, len: BUF_SIZE, writable: true }]);
-      this.#bufs.set(gpa, gpa);
+      const id = this.rxDrv.addBuffer([{ gpa, len: BUF_SIZE, writable: true }]);
+      if (this.packed) this.#bufs.set(id, gpa);
     }
     this.rxDrv.publish();
     return this.rxDrv.kickNeeded();
   }
-  readonly #bufs = new Map<number, number>();
 
   /** Runs the reactor until idle (bounded). */
   run(rounds = 5, timeoutMs = 10): void {
@@ -133,13 +176,24 @@ export class InProcessVm {
     for (;;) {
       const u = this.rxDrv.popUsed();
       if (u === null) return out;
-      const gpa = this.#descAddr(this.rxDrv, u.head);
+      const gpa = this.#rxBufAddr(u.head);
       out.push(new PacketHeader().decodeFrom(this.mem.regions[0].view, gpa));
     }
   }
 
-  #descAddr(q: DriverSplitQueue, head: number): number {
-    return Number(this.mem.regions[0].view.getBigUint64(q.descGpa + 16 * head, true));
+  /**
+   * Guest address of the rx buffer `head` the device used: its descriptor table entry (split),
+   * or where `postRxBuffers` posted it (packed: a used descriptor's address is reserved).
+   */
+  #rxBufAddr(head: number): number {
+    const q = this.rxDrv;
+    if (!q.packed) {
+      return Number(this.mem.regions[0].view.getBigUint64(q.descGpa + 16 * head, true));
+    }
+    const gpa = this.#bufs.get(head);
+    if (gpa === undefined) throw new Error(`rx used id ${head} was not posted by postRxBuffers`);
+    this.#bufs.delete(head);
+    return gpa;
   }
 
   dispose(): void {

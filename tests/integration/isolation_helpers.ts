@@ -7,6 +7,7 @@ import assert from "node:assert/strict";
 import { repoRoot } from "../../lib/testing/backend_process.ts";
 import {
   type BackendProcess,
+  type FrontEndOptions,
   GuestRam,
   hostConnect,
   pattern,
@@ -14,6 +15,7 @@ import {
   spawnBackend,
   VhostUserFrontEnd,
   VsockGuest,
+  type VsockGuestOptions,
   writeAll,
 } from "../../lib/testing/mod.ts";
 import { WORKER_ENV } from "../../lib/worker_plan.ts";
@@ -77,15 +79,22 @@ export interface Guest {
   close(): Promise<void>;
 }
 
-/** A QEMU-like front end + guest driver on `socket` (retries while the socket comes back). */
-export async function bootGuest(socket: string, timeoutMs = 10_000): Promise<Guest> {
+/**
+ * A front end (QEMU-like unless `frontEnd.profile` says otherwise) + guest driver (64 KiB rx
+ * buffers unless `guest` says otherwise) on `socket`; retries while the socket comes back.
+ */
+export async function bootGuest(
+  socket: string,
+  opts: { timeoutMs?: number; frontEnd?: FrontEndOptions; guest?: VsockGuestOptions } = {},
+): Promise<Guest> {
   const memory = new GuestRam({});
   const fe = await VhostUserFrontEnd.connect(socket, {
     profile: "qemu",
+    ...opts.frontEnd,
     memory,
-    connectTimeoutMs: timeoutMs,
+    connectTimeoutMs: opts.timeoutMs ?? 10_000,
   });
-  const guest = await VsockGuest.boot(fe, { rxBufSize: 65536 });
+  const guest = await VsockGuest.boot(fe, { rxBufSize: 65536, ...opts.guest });
   return {
     guest,
     memory,

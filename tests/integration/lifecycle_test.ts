@@ -23,9 +23,11 @@
  *   the back end's fd count stays flat.
  * - Driver reset: host sockets of the old connections are closed; new ones work both ways.
  *
- * The kick-after-start and never-drop-a-kick tests drive the rings with `RawGuest`, a bare driver
- * that posts buffers and kicks only when told, so the tests control exactly which notifications
- * exist.
+ * The kick-after-start and never-drop-a-kick tests drive the rings with `RawGuest` (raw_guest.ts),
+ * a bare driver that posts buffers and kicks only when told, so the tests control exactly which
+ * notifications exist. The tests across processes run over split and packed virtqueues
+ * (VIRTIO_F_RING_PACKED; a packed ring's vring base carries both positions, compared with
+ * `baseAvailIdx` / `baseUsedIdx`).
  */
 import assert from "node:assert/strict";
 import {
@@ -33,26 +35,22 @@ import {
   close,
   connectUnix,
   EAGAIN,
-  eventFdRead,
   listenUnix,
   pollFds,
   POLLIN,
-  readRaw,
   writeRaw,
 } from "../../ffi/mod.ts";
 import {
   type BackendProcess,
-  DriverSplitQueue,
+  baseAvailIdx,
+  baseUsedIdx,
   GuestRam,
   hostConnect,
   hostListen,
-  LINUX_DRIVER_FEATURES,
   PacketHeader,
   pattern,
-  type QueueSetup,
   readExactly,
   spawnBackend,
-  startVm,
   VhostUserFrontEnd,
   VIRTIO_VSOCK_HDR_SIZE,
   VIRTIO_VSOCK_OP_CREDIT_UPDATE,
@@ -66,17 +64,14 @@ import {
 } from "../../lib/testing/mod.ts";
 import { VhostUserProtocolFeatureMask as PF } from "../../lib/vhost_user/protocol.ts";
 import { VIRTIO_RING_F_EVENT_IDX_MASK } from "../../lib/virtio/features.ts";
-import {
-  availEventOffset,
-  compactRingLayout,
-  vringNeedEvent,
-} from "../../lib/virtio/split_layout.ts";
+import { availEventOffset, usedRingSize, vringNeedEvent } from "../../lib/virtio/split_layout.ts";
+import { PACKED_EVENT_SIZE } from "../../lib/virtio/packed_layout.ts";
 import { InProcessVm } from "./inprocess.ts";
+import { clearKicks, withVm } from "./vm_helpers.ts";
+import { GUEST_CID, HOST_CID, RawGuest, RawHostSocket, waitUntil } from "./raw_guest.ts";
 
 const enc = new TextEncoder();
 const dec = new TextDecoder();
-const HOST_CID = 2;
-const GUEST_CID = 3;
 /**
  * The stall that kick after start prevents: Linux's VSOCK_DEFAULT_CONNECT_TIMEOUT. Everything
  * here must beat it.
@@ -89,6 +84,13 @@ const KICK_AFTER_START_STALL_MS = 2000;
  * timeout never delivers at all: nothing else happens in these tests.
  */
 const START_LATENCY_MS = KICK_AFTER_START_STALL_MS / 2;
+/** The VMMs and ring layouts (split; packed: VIRTIO_F_RING_PACKED) the tests run over. */
+const VM_SETUPS = [
+  { profile: "qemu", packed: false },
+  { profile: "crosvm", packed: false },
+  { profile: "qemu", packed: true },
+  { profile: "crosvm", packed: true },
+] as const;
 
 // ---------------------------------------------------------------------------------------
 // Helpers
@@ -104,257 +106,14 @@ function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));
 }
 
-/** Polls `pred` every 2 ms (sleeping, not spinning) until it holds; throws after `timeoutMs`. */
-async function waitUntil(pred: () => boolean, timeoutMs: number, what: string): Promise<number> {
-  const t0 = performance.now();
-  for (;;) {
-    if (pred()) return performance.now() - t0;
-    if (performance.now() - t0 > timeoutMs) {
-      throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
-    }
-    await sleep(2);
-  }
-}
-
 /** Waits until the back end logged a line containing `text` (its log is our event trace). */
 function waitForLog(backend: BackendProcess, text: string, timeoutMs = 5000): Promise<number> {
   return waitUntil(() => backend.stderr().includes(text), timeoutMs, `back-end log "${text}"`);
 }
 
-/**
- * Clears the kick eventfds of a stopped device. An eventfd keeps the count of every kick
- * written to it (an edge-triggered back end never reads it back), and SET_VRING_KICK with the
- * same fd would then look like a fresh kick: a restart in these tests must carry none.
- */
-function clearKicks(fe: VhostUserFrontEnd): void {
-  for (const fd of fe.kickFds) eventFdRead(fd);
-}
-
 /** Whether an eventfd's counter is non-zero (poll without consuming it). */
 function eventPending(fd: number): boolean {
   return (pollFds([fd], [POLLIN], 0)[0] & POLLIN) !== 0;
-}
-
-/** A host app on a raw non-blocking Unix socket (so a test can check "nothing yet" at once). */
-class RawHostSocket {
-  readonly #buf = new Uint8Array(65536);
-  readonly received: number[] = [];
-  eof = false;
-  constructor(readonly fd: number) {}
-
-  static connect(path: string): RawHostSocket {
-    return new RawHostSocket(connectUnix(path));
-  }
-
-  send(text: string): void {
-    const b = enc.encode(text);
-    assert.equal(writeRaw(this.fd, b), b.length, "host write");
-  }
-
-  /** Reads what is there now; notes EOF (or a reset). */
-  poll(): void {
-    for (;;) {
-      const n = readRaw(this.fd, this.#buf);
-      if (n === -EAGAIN) return;
-      if (n <= 0) {
-        this.eof = true;
-        return;
-      }
-      for (let i = 0; i < n; i++) this.received.push(this.#buf[i]);
-    }
-  }
-
-  text(): string {
-    return dec.decode(new Uint8Array(this.received));
-  }
-
-  async waitText(want: string, timeoutMs: number): Promise<void> {
-    await waitUntil(
-      () => {
-        this.poll();
-        return this.text().includes(want) || this.eof;
-      },
-      timeoutMs,
-      `"${want.trim()}" from the back end`,
-    );
-    assert.ok(this.text().includes(want), `host got ${JSON.stringify(this.text())}, EOF`);
-  }
-
-  close(): void {
-    close(this.fd);
-  }
-}
-
-/** A packet the RawGuest received. */
-interface RxPacket {
-  readonly header: PacketHeader;
-  readonly payload: Uint8Array;
-}
-
-/**
- * A bare virtio-vsock driver: split rings in guest RAM, buffers posted and packets sent only
- * when the test says, and a kick only through `kick()`. It counts its kicks, so a test can
- * prove that something arrived without any.
- */
-class RawGuest {
-  readonly queues: DriverSplitQueue[] = [];
-  readonly setups: QueueSetup[] = [];
-  readonly features: bigint;
-  readonly received: RxPacket[] = [];
-  kicks = 0;
-  readonly #rxHeads = new Map<number, number>();
-  readonly #txHeads = new Map<number, number>();
-  readonly #free: number[] = [];
-  readonly #mem: GuestRam;
-
-  constructor(readonly fe: VhostUserFrontEnd, opts: { eventIdx?: boolean } = {}) {
-    this.#mem = fe.memory;
-    let f = fe.deviceFeatures() & LINUX_DRIVER_FEATURES;
-    if (opts.eventIdx === false) f &= ~VIRTIO_RING_F_EVENT_IDX_MASK;
-    this.features = f;
-    const eventIdx = (f & VIRTIO_RING_F_EVENT_IDX_MASK) !== 0n;
-    const size = fe.queueSize;
-    for (let i = 0; i < 3; i++) {
-      const base = this.#mem.alloc(compactRingLayout(size, 0, true).end, 4096);
-      const l = compactRingLayout(size, base, true);
-      this.queues.push(
-        new DriverSplitQueue(this.#mem, size, l.descGpa, l.availGpa, l.usedGpa, { eventIdx }),
-      );
-      this.setups.push({ index: i, size, ...l, base: 0 });
-    }
-  }
-
-  get rx(): DriverSplitQueue {
-    return this.queues[0];
-  }
-  get tx(): DriverSplitQueue {
-    return this.queues[1];
-  }
-
-  #buffer(): number {
-    return this.#free.pop() ?? this.#mem.alloc(VIRTIO_VSOCK_HDR_SIZE + 4096, 64);
-  }
-
-  /** Posts `n` rx buffers and publishes them; returns whether the device asked for a kick. */
-  postRx(n: number): boolean {
-    for (let i = 0; i < n; i++) {
-      const gpa = this.#buffer();
-      const head = this.rx.addBuffer([{
-        gpa,
-        len: VIRTIO_VSOCK_HDR_SIZE + 4096,
-        writable: true,
-      }]);
-      assert.ok(head >= 0, "rx descriptors free");
-      this.#rxHeads.set(head, gpa);
-    }
-    this.rx.publish();
-    return this.rx.kickNeeded();
-  }
-
-  /** Puts one packet on the tx ring and publishes it; returns whether a kick is needed. */
-  send(fields: Partial<PacketHeader>, payload = new Uint8Array(0)): boolean {
-    const h = new PacketHeader();
-    h.srcCid = GUEST_CID;
-    h.dstCid = HOST_CID;
-    h.type = VIRTIO_VSOCK_TYPE_STREAM;
-    h.op = VIRTIO_VSOCK_OP_RW;
-    h.bufAlloc = 256 * 1024;
-    Object.assign(h, fields);
-    h.len = payload.length;
-    const gpa = this.#buffer();
-    const b = this.#mem.bytesAt(gpa, VIRTIO_VSOCK_HDR_SIZE + payload.length);
-    h.encodeTo(new DataView(b.buffer, b.byteOffset, b.length), 0);
-    b.set(payload, VIRTIO_VSOCK_HDR_SIZE);
-    const segs = [{ gpa, len: VIRTIO_VSOCK_HDR_SIZE, writable: false }];
-    if (payload.length > 0) {
-      segs.push({ gpa: gpa + VIRTIO_VSOCK_HDR_SIZE, len: payload.length, writable: false });
-    }
-    const head = this.tx.addBuffer(segs);
-    assert.ok(head >= 0, "tx descriptors free");
-    this.#txHeads.set(head, gpa);
-    this.tx.publish();
-    return this.tx.kickNeeded();
-  }
-
-  /** Notifies queue `i` (the only way this driver ever kicks). */
-  kick(i: number): void {
-    this.kicks++;
-    this.fe.kick(i);
-  }
-
-  /** Reaps both used rings; received packets are appended to `received`. */
-  reap(): void {
-    for (let u = this.tx.popUsed(); u !== null; u = this.tx.popUsed()) {
-      const gpa = this.#txHeads.get(u.head);
-      assert.ok(gpa !== undefined, `tx used head ${u.head} was outstanding`);
-      this.#txHeads.delete(u.head);
-      this.#free.push(gpa);
-    }
-    for (let u = this.rx.popUsed(); u !== null; u = this.rx.popUsed()) {
-      const gpa = this.#rxHeads.get(u.head);
-      assert.ok(gpa !== undefined, `rx used head ${u.head} was outstanding`);
-      this.#rxHeads.delete(u.head);
-      assert.ok(u.len >= VIRTIO_VSOCK_HDR_SIZE, `rx used len ${u.len}`);
-      const b = this.#mem.bytesAt(gpa, u.len);
-      const header = new PacketHeader().decodeFrom(new DataView(b.buffer, b.byteOffset, u.len), 0);
-      const payload = b.slice(VIRTIO_VSOCK_HDR_SIZE, VIRTIO_VSOCK_HDR_SIZE + header.len);
-      this.received.push({ header, payload });
-      this.#free.push(gpa);
-    }
-  }
-
-  /** Waits (reaping, never kicking) for a received packet matching `pred`. */
-  async waitPacket(
-    pred: (p: RxPacket) => boolean,
-    timeoutMs: number,
-    what: string,
-  ): Promise<RxPacket> {
-    let found: RxPacket | undefined;
-    await waitUntil(
-      () => {
-        this.reap();
-        found = this.received.find(pred);
-        return found !== undefined;
-      },
-      timeoutMs,
-      `${what} (received so far: ${this.describeReceived()})`,
-    );
-    return found!;
-  }
-
-  describeReceived(): string {
-    return `[${this.received.map((p) => p.header.describe()).join("; ")}]`;
-  }
-
-  /** The profile's DRIVER_OK sequence (SET_VRING_KICK ... SET_VRING_ENABLE ...). */
-  startDevice(): void {
-    this.fe.startDevice(this.features, this.setups);
-  }
-
-  /**
-   * The ring set-up half of a start, by hand: SET_FEATURES, SET_MEM_TABLE, then per back-end
-   * queue SET_VRING_NUM/BASE/ADDR/CALL/KICK. The rings are started, not enabled yet.
-   */
-  setupRings(opts: { needReply?: boolean } = {}): void {
-    const fe = this.fe;
-    fe.setFeatures(fe.backendFeaturesFor(this.features), opts);
-    fe.setMemTable(fe.memory.regions, opts);
-    for (const q of this.setups) {
-      if (!fe.ownsQueue(q.index)) continue;
-      fe.setVringNum(q.index, q.size, opts);
-      fe.setVringBase(q.index, 0, opts);
-      fe.setVringAddr(q.index, q, opts);
-      fe.setVringCall(q.index, undefined, opts);
-      fe.setVringKick(q.index, undefined, opts);
-    }
-  }
-
-  /** SET_VRING_ENABLE 1 on every back-end queue. */
-  enableRings(opts: { needReply?: boolean } = {}): void {
-    for (const q of this.setups) {
-      if (this.fe.ownsQueue(q.index)) this.fe.setVringEnable(q.index, true, opts);
-    }
-  }
 }
 
 /** Spawns a back end and connects a front end; `fn` gets both; everything is torn down. */
@@ -378,23 +137,6 @@ async function withBackend(
   }
   for (const fe of fes) fe.close();
   const exit = await backend.stop();
-  assert.doesNotMatch(exit.stderr, / ERROR /, "the back end logged no error");
-}
-
-/** Runs `fn` with a VM, always stopping it; fails if the guest saw anomalies. */
-async function withVm(
-  opts: Parameters<typeof startVm>[0],
-  fn: (vm: VmHandle) => Promise<void>,
-): Promise<void> {
-  const vm = await startVm(opts);
-  try {
-    await fn(vm);
-    assert.deepEqual(vm.guest.anomalies, [], "the guest saw back-end misbehaviour");
-  } catch (e) {
-    const exit = await vm.stop();
-    throw new Error(`${e instanceof Error ? e.stack : e}\n--- back end stderr ---\n${exit.stderr}`);
-  }
-  const exit = await vm.stop();
   assert.doesNotMatch(exit.stderr, / ERROR /, "the back end logged no error");
 }
 
@@ -422,13 +164,22 @@ for (
     { profile: "crosvm", when: "before the front end connects" },
     { profile: "qemu", when: "after realize, before DRIVER_OK" },
     { profile: "crosvm", when: "after realize, before DRIVER_OK", protocolFeatures: false },
+    { profile: "qemu", when: "before the front end connects", packed: true },
+    {
+      profile: "crosvm",
+      when: "after realize, before DRIVER_OK",
+      protocolFeatures: false,
+      packed: true,
+    },
   ] as const
 ) {
   const pf = "protocolFeatures" in v ? " (no PROTOCOL_FEATURES: start = SET_VRING_KICK)" : "";
-  Deno.test(`kick after start: a host CONNECT ${v.when} reaches the guest when the rings start, with no kick [${v.profile}${pf}]`, async () => {
+  const packed = "packed" in v;
+  Deno.test(`kick after start: a host CONNECT ${v.when} reaches the guest when the rings start, with no kick [${v.profile}${pf}${rings(packed)}]`, async () => {
     await withBackend({
       profile: v.profile,
       protocolFeatures: "protocolFeatures" in v ? v.protocolFeatures : undefined,
+      packed,
     }, async (backend, connectFrontEnd) => {
       const hosts: RawHostSocket[] = [];
       const hostConnects = async () => {
@@ -442,6 +193,7 @@ for (
         const fe = await connectFrontEnd();
         if (v.when !== "before the front end connects") await hostConnects();
         const guest = new RawGuest(fe);
+        assert.equal(guest.rx.packed, packed, "ring layout");
         // The rx buffers are in the ring when it starts, and the driver never kicks (Linux
         // would kick after filling; that kick would hide the bug): only processing the rings
         // on start can find the buffers and deliver the REQUEST queued before.
@@ -482,9 +234,10 @@ for (
 }
 
 Deno.test("kick after start: host data and a host CONNECT that arrive while the rings are stopped are delivered on restart, with no kick", async () => {
-  for (const profile of ["qemu", "crosvm"] as const) {
-    await withVm({ profile }, async (vm) => {
+  for (const { profile, packed } of VM_SETUPS) {
+    await withVm({ profile, frontEnd: { packed } }, async (vm) => {
       const g = vm.guest;
+      assert.equal(g.packed, packed);
       const a = await hostToGuest(vm, 5000);
       const b = await guestToHost(vm, 6000);
       await writeAll(a.host.conn, enc.encode("before"));
@@ -518,7 +271,8 @@ Deno.test("kick after start: host data and a host CONNECT that arrive while the 
         "the host traffic queued while stopped, after the restart (no guest kick)",
       );
       assert.deepEqual(g.stats.kicks, kicks, "no kick before the data arrived");
-      console.log(`${profile}: delivered ${(performance.now() - t0).toFixed(1)} ms after restart`);
+      const ms = (performance.now() - t0).toFixed(1);
+      console.log(`${profile}${rings(packed)}: delivered ${ms} ms after restart`);
 
       assert.deepEqual(await a.conn.readExactly(dataA.length), dataA);
       assert.deepEqual(await b.conn.readExactly(dataB.length), dataB);
@@ -534,9 +288,10 @@ Deno.test("kick after start: host data and a host CONNECT that arrive while the 
 });
 
 Deno.test("kick after start: a credit update owed while the rings were stopped is sent on restart", async () => {
-  for (const profile of ["qemu", "crosvm"] as const) {
-    await withVm({ profile }, async (vm) => {
+  for (const { profile, packed } of VM_SETUPS) {
+    await withVm({ profile, frontEnd: { packed } }, async (vm) => {
       const g = vm.guest;
+      assert.equal(g.packed, packed);
       const b = await guestToHost(vm, 6000);
       const data = pattern(1 << 20, 7);
       const writing = later(b.conn.write(data, { timeoutMs: 20_000 }));
@@ -587,6 +342,11 @@ Deno.test("kick after start: a credit update owed while the rings were stopped i
     });
   }
 });
+
+/** A test-name suffix for packed rings (split is the default). */
+function rings(packed: boolean): string {
+  return packed ? ", packed rings" : "";
+}
 
 function countOf(haystack: string, needle: string): number {
   return haystack.split(needle).length - 1;
@@ -693,15 +453,16 @@ Deno.test("enable notification, then re-check (RX): buffers posted between the d
   }
 });
 
-for (const eventIdx of [true, false]) {
-  Deno.test(`enable notification, then re-check: the device runs out of RX buffers with host data pending and resumes on refill [EVENT_IDX ${eventIdx ? "on" : "off"}]`, async () => {
+for (const [eventIdx, packed] of [[true, false], [false, false], [true, true], [false, true]]) {
+  Deno.test(`enable notification, then re-check: the device runs out of RX buffers with host data pending and resumes on refill [EVENT_IDX ${eventIdx ? "on" : "off"}${rings(packed)}]`, async () => {
     await withVm({
       profile: "qemu",
-      frontEnd: { eventIdx },
+      frontEnd: { eventIdx, packed },
       guest: { rxBuffers: 32 },
     }, async (vm) => {
       const g = vm.guest;
       assert.equal((g.features & VIRTIO_RING_F_EVENT_IDX_MASK) !== 0n, eventIdx);
+      assert.equal(g.packed, packed);
       const a = await hostToGuest(vm, 5000);
       for (let round = 0; round < 4; round++) {
         vm.faults.starveRx();
@@ -739,11 +500,14 @@ for (
     { profile: "qemu", needReply: false },
     { profile: "crosvm", needReply: true },
     { profile: "crosvm", needReply: false },
+    { profile: "qemu", needReply: true, packed: true },
+    { profile: "crosvm", needReply: false, packed: true },
   ] as const
 ) {
   const mode = v.needReply ? "REPLY_ACK + NEED_REPLY" : "no NEED_REPLY";
-  Deno.test(`never drop a kick: a TX REQUEST kicked before SET_VRING_ENABLE is processed on enable [${v.profile}, ${mode}]`, async () => {
-    await withBackend({ profile: v.profile }, async (backend, connectFrontEnd) => {
+  const packed = "packed" in v;
+  Deno.test(`never drop a kick: a TX REQUEST kicked before SET_VRING_ENABLE is processed on enable [${v.profile}, ${mode}${rings(packed)}]`, async () => {
+    await withBackend({ profile: v.profile, packed }, async (backend, connectFrontEnd) => {
       const listenFd = listenUnix(`${backend.udsPath}_6000`);
       let hostFd = -1;
       try {
@@ -763,8 +527,9 @@ for (
         await waitForLog(backend, "vring 1 kicked while inactive");
         await sleep(20);
         assert.equal(acceptRaw(listenFd), -EAGAIN, "a disabled ring is not processed");
-        assert.equal(g.tx.readUsedIdx(), 0);
-        assert.equal(g.rx.readUsedIdx(), 0, "a disabled rx ring produces nothing");
+        assert.equal(g.tx.packed, packed, "ring layout");
+        assert.equal(g.tx.readUsedIdx(), g.tx.lastUsed, "a disabled tx ring consumes nothing");
+        assert.equal(g.rx.readUsedIdx(), g.rx.lastUsed, "a disabled rx ring produces nothing");
 
         if (v.needReply) {
           fe.setVringEnable(0, true, { needReply: true });
@@ -817,9 +582,9 @@ for (
   });
 }
 
-for (const profile of ["qemu", "crosvm"] as const) {
-  Deno.test(`never drop a kick: an RX kick before SET_VRING_ENABLE is remembered: a pending host CONNECT reaches the guest on enable [${profile}]`, async () => {
-    await withBackend({ profile }, async (backend, connectFrontEnd) => {
+for (const { profile, packed } of VM_SETUPS) {
+  Deno.test(`never drop a kick: an RX kick before SET_VRING_ENABLE is remembered: a pending host CONNECT reaches the guest on enable [${profile}${rings(packed)}]`, async () => {
+    await withBackend({ profile, packed }, async (backend, connectFrontEnd) => {
       const fe = await connectFrontEnd();
       const host = RawHostSocket.connect(backend.udsPath);
       try {
@@ -831,7 +596,8 @@ for (const profile of ["qemu", "crosvm"] as const) {
         g.kick(0);
         await waitForLog(backend, "vring 0 kicked while inactive");
         await sleep(20);
-        assert.equal(g.rx.readUsedIdx(), 0, "a disabled rx ring produces nothing");
+        assert.equal(g.rx.packed, packed, "ring layout");
+        assert.equal(g.rx.readUsedIdx(), g.rx.lastUsed, "a disabled rx ring produces nothing");
         const t0 = performance.now();
         g.enableRings({ needReply: true });
         const req = await g.waitPacket(
@@ -883,9 +649,15 @@ function firstDifference(mem: GuestRam, snap: Uint8Array[]): number | null {
 function whereIs(g: VsockGuest, gpa: number): string {
   const names = ["rx", "tx", "event"];
   for (const s of g.queueSetups) {
-    if (gpa >= s.descGpa && gpa < s.availGpa) return `${names[s.index]} descriptor table`;
-    if (gpa >= s.availGpa && gpa < s.usedGpa) return `${names[s.index]} avail ring`;
-    if (gpa >= s.usedGpa && gpa < s.usedGpa + 6 + 8 * s.size) return `${names[s.index]} used ring`;
+    // split: descriptor table, avail ring, used ring; packed: the descriptor ring and the
+    // driver and device event suppression areas
+    const [desc, avail, used] = s.packed
+      ? ["descriptor ring", "driver event suppression", "device event suppression"]
+      : ["descriptor table", "avail ring", "used ring"];
+    const usedEnd = s.usedGpa + (s.packed ? PACKED_EVENT_SIZE : usedRingSize(s.size, true));
+    if (gpa >= s.descGpa && gpa < s.availGpa) return `${names[s.index]} ${desc}`;
+    if (gpa >= s.availGpa && gpa < s.usedGpa) return `${names[s.index]} ${avail}`;
+    if (gpa >= s.usedGpa && gpa < usedEnd) return `${names[s.index]} ${used}`;
   }
   return "a buffer";
 }
@@ -894,11 +666,19 @@ for (
   const v of [
     { profile: "qemu", how: "GET_VRING_BASE only" },
     { profile: "crosvm", how: "SET_VRING_ENABLE 0 + GET_VRING_BASE, restart with the bases" },
+    { profile: "qemu", how: "GET_VRING_BASE only", packed: true },
+    {
+      profile: "crosvm",
+      how: "SET_VRING_ENABLE 0 + GET_VRING_BASE, restart with the bases",
+      packed: true,
+    },
   ] as const
 ) {
-  Deno.test(`suspend/resume: no guest memory write or interrupt while suspended, right bases, traffic kept [${v.profile}: ${v.how}]`, async () => {
-    await withVm({ profile: v.profile }, async (vm) => {
+  const packed = "packed" in v;
+  Deno.test(`suspend/resume: no guest memory write or interrupt while suspended, right bases, traffic kept [${v.profile}: ${v.how}${rings(packed)}]`, async () => {
+    await withVm({ profile: v.profile, frontEnd: { packed } }, async (vm) => {
       const g = vm.guest;
+      assert.equal(g.packed, packed);
       const fe = vm.frontEnd;
       const rx = g.queue(0);
       const tx = g.queue(1);
@@ -914,17 +694,29 @@ for (
         assert.deepEqual(await readExactly(b.host, n), d);
       };
       await exchange(50_000, 1);
+      // A base's avail position (a packed base's low half) is where the device goes on
+      // taking buffers; a packed base's used half must match the used descriptors too.
       const checkBases = (bases: number[], label: string) => {
-        assert.equal(bases[1], tx.availIdx, `${label}: GET_VRING_BASE(tx) = chains posted`);
-        assert.equal(bases[1], tx.readUsedIdx(), `${label}: = chains the device consumed`);
-        assert.equal(bases[0], rx.readUsedIdx(), `${label}: GET_VRING_BASE(rx) = buffers used`);
-        assert.ok(bases[0] <= rx.availIdx);
-        if (fe.ownsQueue(2)) assert.equal(bases[2], 0, `${label}: no event buffer consumed`);
+        const txAt = baseAvailIdx(tx, bases[1]);
+        assert.equal(txAt, tx.availIdx, `${label}: GET_VRING_BASE(tx) = chains posted`);
+        assert.equal(txAt, tx.readUsedIdx(), `${label}: = chains the device consumed`);
+        const rxAt = baseAvailIdx(rx, bases[0]);
+        assert.equal(rxAt, rx.readUsedIdx(), `${label}: GET_VRING_BASE(rx) = buffers used`);
+        if (packed) {
+          assert.equal(baseUsedIdx(tx, bases[1]), txAt, `${label}: tx used half`);
+          assert.equal(baseUsedIdx(rx, bases[0]), rxAt, `${label}: rx used half`);
+        } else {
+          assert.ok(bases[0] <= rx.availIdx);
+        }
+        if (fe.ownsQueue(2)) {
+          assert.equal(bases[2], g.queueSetups[2].base, `${label}: no event buffer consumed`);
+        }
       };
       await g.waitFor(() => tx.readUsedIdx() === tx.availIdx, 5000, "tx ring drained");
       const bases = suspend();
       checkBases(bases, "first suspend");
-      assert.ok(bases[0] > 0 && bases[1] > 0, `non-trivial bases ${bases}`);
+      const fresh = g.queueSetups.map((q) => q.base);
+      assert.ok(bases[0] !== fresh[0] && bases[1] !== fresh[1], `non-trivial bases ${bases}`);
 
       const owned = [0, 1, 2].filter((i) => fe.ownsQueue(i));
       for (const i of owned) fe.takeCall(i);
@@ -1017,21 +809,22 @@ async function expectHostEnd(conn: Deno.Conn, what: string): Promise<number> {
   }
 }
 
-Deno.test("reconnect: 100 front-end sessions; each disconnect closes the host sockets, fd count stays flat", async () => {
+Deno.test("reconnect: 100 front-end sessions (split and packed rings); each disconnect closes the host sockets, fd count stays flat", async () => {
   const backend = await spawnBackend({ cid: GUEST_CID });
   const hl = hostListen(backend.udsPath, 6000);
   const counts: number[] = [];
   const t0 = performance.now();
   try {
     for (let i = 0; i < 100; i++) {
-      const profile = i % 2 === 0 ? "qemu" : "crosvm";
+      const { profile, packed } = VM_SETUPS[i % VM_SETUPS.length];
       const memory = new GuestRam({ regions: [{ gpa: 0, size: 2 << 20 }] });
       let fe: VhostUserFrontEnd | null = null;
       let guest: VsockGuest | null = null;
       try {
-        fe = await VhostUserFrontEnd.connect(backend.socketPath, { profile, memory });
+        fe = await VhostUserFrontEnd.connect(backend.socketPath, { profile, memory, packed });
         assert.equal(fe.trace[0].name, profile === "qemu" ? "GET_FEATURES" : "SET_OWNER");
         guest = await VsockGuest.boot(fe, { rxBuffers: 16, txSlots: 4, maxPacketPayload: 4096 });
+        assert.equal(guest.packed, packed);
         assert.equal(guest.guestCid, GUEST_CID);
         const listener = guest.listen(5000);
         const [h, c] = await Promise.all([
@@ -1082,10 +875,11 @@ function tryClose(c: { close(): void }): void {
 // Driver reset
 // ---------------------------------------------------------------------------------------
 
-for (const profile of ["qemu", "crosvm"] as const) {
-  Deno.test(`driver reset: the old connections' host sockets are closed; new connections work both ways [${profile}]`, async () => {
-    await withVm({ profile }, async (vm) => {
+for (const { profile, packed } of VM_SETUPS) {
+  Deno.test(`driver reset: the old connections' host sockets are closed; new connections work both ways [${profile}${rings(packed)}]`, async () => {
+    await withVm({ profile, frontEnd: { packed } }, async (vm) => {
       const g = vm.guest;
+      assert.equal(g.packed, packed);
       const a = await hostToGuest(vm, 5000);
       const b = await guestToHost(vm, 6000);
       await writeAll(a.host.conn, enc.encode("a"));

@@ -52,7 +52,6 @@ import {
   VhostUserError,
   VhostUserFrontEnd,
   VIRTIO_VSOCK_OP_REQUEST,
-  VIRTIO_VSOCK_OP_RW,
   type VmHandle,
   VsockGuest,
   writeAll,
@@ -69,10 +68,10 @@ import {
   VhostUserRequest as R,
 } from "../../lib/vhost_user/protocol.ts";
 import { VRING_DESC_F_WRITE } from "../../lib/virtio/split_layout.ts";
+import { dirtyLogTraffic, freshBackEnd, PAGE, pagesOf } from "./vm_helpers.ts";
 
 const enc = new TextEncoder();
 const dec = new TextDecoder();
-const PAGE = 4096;
 /** How long a negative check ("nothing reaches the guest") watches. */
 const QUIET_MS = 500;
 
@@ -158,21 +157,6 @@ async function withStderr(
   }
 }
 
-/** A fresh back end and a crosvm-like front end on the guest's RAM (create sequence only). */
-async function freshCrosvmBackEnd(vm: VmHandle, cid: number) {
-  const backend = await spawnBackend({ cid });
-  try {
-    const fe = await VhostUserFrontEnd.connect(backend.socketPath, {
-      profile: "crosvm",
-      memory: vm.memory,
-    });
-    return { backend, fe };
-  } catch (e) {
-    await backend.stop();
-    throw e;
-  }
-}
-
 /**
  * crosvm's restore without its final kicks: SET_FEATURES, load the state, then start the
  * rings at the saved bases (`VsockGuest.attach` starts them at each used index, which equals
@@ -247,13 +231,6 @@ function reseal(state: Uint8Array): Uint8Array {
   return out;
 }
 
-/** Guest-physical page numbers covering [gpa, gpa+len). */
-function pagesOf(gpa: number, len: number): number[] {
-  const out: number[] = [];
-  for (let p = Math.floor(gpa / PAGE); p * PAGE < gpa + len; p++) out.push(p);
-  return out;
-}
-
 /** Used elements [from, to) of a split ring: {id, len}. */
 function usedElems(vm: VmHandle, usedGpa: number, size: number, from: number, to: number) {
   const out: { id: number; len: number }[] = [];
@@ -294,7 +271,7 @@ Deno.test("crosvm: restore onto a fresh back end resets the transport, re-reads 
       assert.deepEqual(saved.guestListenerPorts, [5000]);
 
       // The guest moves to a host where its CID is 10.
-      const fresh = await freshCrosvmBackEnd(vm, 10);
+      const fresh = await freshBackEnd(vm, 10);
       backend2 = fresh.backend;
       const fe2 = fresh.fe;
       const events = observe(fe2);
@@ -359,7 +336,7 @@ Deno.test("crosvm: TRANSPORT_RESET arrives without any kick of the event queue b
     await withStderr(() => [vm.backend, backend2], async () => {
       const old = await openBothWays(vm.guest, vm.udsPath, 5000, 6000);
       const snap = await vm.guest.snapshot();
-      const fresh = await freshCrosvmBackEnd(vm, 9);
+      const fresh = await freshBackEnd(vm, 9);
       backend2 = fresh.backend;
       const events = observe(fresh.fe);
       vm.frontEnd.close();
@@ -430,7 +407,7 @@ Deno.test("after a load, a host CONNECT is held until the driver re-read the con
       const listener = vm.guest.listen(5000);
       const snap = await vm.guest.snapshot();
       const rxBase = snap.bases[0];
-      const fresh = await freshCrosvmBackEnd(vm, 9);
+      const fresh = await freshBackEnd(vm, 9);
       backend2 = fresh.backend;
       const fe2 = fresh.fe;
       vm.frontEnd.close();
@@ -491,7 +468,7 @@ Deno.test("event queue ours: a config read before TRANSPORT_RESET was delivered 
     await withStderr(() => [vm.backend, backend2], async () => {
       const listener = vm.guest.listen(5000);
       const snap = await vm.guest.snapshot();
-      const fresh = await freshCrosvmBackEnd(vm, 9);
+      const fresh = await freshBackEnd(vm, 9);
       backend2 = fresh.backend;
       const fe2 = fresh.fe;
       vm.frontEnd.close();
@@ -767,7 +744,7 @@ Deno.test("corrupt, truncated, newer, garbage and empty states are refused; the 
       const old = await openBothWays(vm.guest, vm.udsPath, 5000, 6000);
       const snap = await vm.guest.snapshot();
       const good = snap.deviceState;
-      const fresh = await freshCrosvmBackEnd(vm, 9);
+      const fresh = await freshBackEnd(vm, 9);
       backend2 = fresh.backend;
       const fe2 = fresh.fe;
       vm.frontEnd.close();
@@ -922,27 +899,7 @@ Deno.test("dirty log with LOG_ALL: exactly the pages the back end wrote are mark
       const txFrom = vm.guest.queue(1).readUsedIdx();
       log.clear();
 
-      // Guest -> host: a payload in two pages of its own, which the device only reads.
-      const payloadGpa = vm.faults.allocGuest(2 * PAGE, PAGE);
-      const hdrGpa = vm.faults.allocGuest(64, 64);
-      const payload = pattern(2 * PAGE - 100, 111);
-      const rawHead = vm.faults.sendPacketAt(
-        {
-          srcPort: conn.localPort,
-          dstPort: conn.peerPort,
-          op: VIRTIO_VSOCK_OP_RW,
-          bufAlloc: conn.credit.bufAlloc,
-        },
-        payload,
-        { headerGpa: hdrGpa, payloadGpa },
-      );
-      assert.deepEqual(await readExactly(host.conn, payload.length), payload);
-      await vm.guest.waitFor(() => vm.guest.rawUsed.some((u) => u.head === rawHead), 5000, "tx");
-      // Host -> guest: the device fills rx buffers.
-      const data = pattern(20_000, 113);
-      await writeAll(host.conn, data);
-      assert.deepEqual(await conn.readExactly(data.length), data);
-      await vm.guest.idle(200);
+      const { payloadGpa, payloadLen, headerGpa } = await dirtyLogTraffic(vm, conn, host.conn);
 
       const rxTo = vm.guest.queue(0).readUsedIdx();
       const txTo = vm.guest.queue(1).readUsedIdx();
@@ -960,10 +917,10 @@ Deno.test("dirty log with LOG_ALL: exactly the pages the back end wrote are mark
       assert.deepEqual(missing, [], "pages written by the back end but not marked");
       assert.deepEqual(extra, [], "pages marked that the back end did not write");
       // The checks above are not vacuous: the read-only payload and unused RAM are clear.
-      for (const p of pagesOf(payloadGpa, payload.length)) assert.ok(!dirty.has(p));
+      for (const p of pagesOf(payloadGpa, payloadLen)) assert.ok(!dirty.has(p));
       assert.ok(!log.isDirty(setups[2].descGpa), "event ring (VMM's) is clear");
       assert.ok(!log.isDirty(vm.memory.topGpa - 1), "the last page of RAM is clear");
-      assert.ok(!log.isDirty(hdrGpa) || expected.has(Math.floor(hdrGpa / PAGE)));
+      assert.ok(!log.isDirty(headerGpa) || expected.has(Math.floor(headerGpa / PAGE)));
 
       vm.faults.refillRx();
       fe.stopDirtyLog();

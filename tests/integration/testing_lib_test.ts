@@ -39,28 +39,13 @@ import {
   VIRTIO_RING_F_INDIRECT_DESC_MASK,
 } from "../../lib/virtio/features.ts";
 import { VIRTIO_VSOCK_F_SEQPACKET } from "../../lib/vsock/constants.ts";
+import { withVm } from "./vm_helpers.ts";
 
 /** VIRTIO_VSOCK_F_SEQPACKET: QEMU 7.2 passes it to the guest and Linux 6.1 acks it. */
 const SEQPACKET_MASK = featureMask(VIRTIO_VSOCK_F_SEQPACKET);
 
 const enc = new TextEncoder();
 const dec = new TextDecoder();
-
-/** Runs `fn` with a VM, always stopping it; fails if the guest saw anomalies. */
-async function withVm(
-  opts: Parameters<typeof startVm>[0],
-  fn: (vm: VmHandle) => Promise<void>,
-): Promise<void> {
-  const vm = await startVm(opts);
-  try {
-    await fn(vm);
-    assert.deepEqual(vm.guest.anomalies, [], "the guest saw back-end misbehaviour");
-  } catch (e) {
-    const exit = await vm.stop();
-    throw new Error(`${e instanceof Error ? e.stack : e}\n--- back end stderr ---\n${exit.stderr}`);
-  }
-  await vm.stop();
-}
 
 /** Echo round trip host -> guest -> host through a guest listener on `port`. */
 async function hostToGuestRoundTrip(vm: VmHandle, port: number, size: number): Promise<void> {
@@ -288,6 +273,31 @@ Deno.test("front end: reply timeout and refused connection are clear errors", as
   );
 });
 
+Deno.test("front end: connect retries while the back end still serves another front end and resets the new connection", async () => {
+  const backend = await spawnBackend({ cid: 3 });
+  const first = await VhostUserFrontEnd.connect(backend.socketPath, { profile: "qemu" });
+  try {
+    // The back end refuses a second front end by closing it at once; the new front end's
+    // GET_FEATURES is then still unread, so the close is a reset (ECONNRESET), not an EOF.
+    const second = VhostUserFrontEnd.connect(backend.socketPath, {
+      profile: "qemu",
+      connectTimeoutMs: 5000,
+    });
+    second.catch(() => {}); // awaited below; must not go unhandled meanwhile
+    const t0 = Date.now();
+    await new Promise((r) => setTimeout(r, 300));
+    first.close();
+    const fe = await second;
+    assert.ok(Date.now() - t0 >= 300, "served only once the first front end was gone");
+    assert.ok(fe.getFeatures() !== 0n);
+    fe.close();
+    assert.match(backend.stderr(), /second front end tried to connect/);
+  } finally {
+    first.close();
+    await backend.stop();
+  }
+});
+
 // ---------------------------------------------------------------------------------------
 // Memory layouts
 // ---------------------------------------------------------------------------------------
@@ -392,6 +402,25 @@ Deno.test("suspend/resume keeps connections; driver reset drops them and moves t
     host2.conn.close();
     await conn2.close();
   });
+});
+
+Deno.test("driver reset forgets raw chains left on the old rings: the new rings' buffers with the same ids stay the driver's", async () => {
+  for (const packed of [false, true]) {
+    await withVm({ profile: "qemu", frontEnd: { packed } }, async (vm) => {
+      // A raw tx chain the device takes but the driver never reaps before the reset.
+      const head = vm.faults.malformedOutOfRange();
+      await vm.guest.resetDevice();
+      // The new rings hand out the same ids (tx id `head` first): their packets are the
+      // driver's, not the raw chain's.
+      await hostToGuestRoundTrip(vm, 5000, 300_000);
+      assert.deepEqual(vm.guest.rawUsed, [], `raw chain ${head} of the old rings never came back`);
+      await vm.guest.waitFor(
+        () => /tx buffers free 64\/64/.test(vm.guest.describe()),
+        2000,
+        "every tx buffer back",
+      );
+    });
+  }
 });
 
 Deno.test("kick before SET_VRING_ENABLE: buffers posted early are used", async () => {

@@ -32,7 +32,7 @@ import {
   VRING_DESC_SIZE,
   writeDescriptor,
 } from "../../lib/virtio/split_layout.ts";
-import { writePackedDescriptor } from "../../lib/testing/driver_packed_queue.ts";
+import { writePackedDescriptor } from "../../lib/virtio/packed_layout.ts";
 
 const MiB = 1024 * 1024;
 const REGIONS = [

@@ -2,7 +2,7 @@
  * The guest fuzzer (lib/testing/guest_fuzz.ts) against this repository's back end, for long
  * runs on demand:
  *
- *   deno run -A tests/fuzz/guest.ts [--minutes N] [--seed S]
+ *   deno run -A tests/fuzz/guest.ts [--minutes N] [--seed S] [--packed]
  *
  * `fuzzGuestRun` starts a VM whose RAM has two adjacent regions and one after a gap (so rx
  * buffers can straddle regions and run off the end), fuzzes it for `durationMs`, stops it and
@@ -26,13 +26,15 @@ export interface FuzzGuestRunOptions {
   readonly iterations?: number;
   readonly log?: (line: string) => void;
   readonly profile?: "qemu" | "crosvm";
+  /** run the device over packed virtqueues (VIRTIO_F_RING_PACKED) */
+  readonly packed?: boolean;
 }
 
 /** Starts a VM, fuzzes its guest side, stops it (see the module doc). */
 export async function fuzzGuestRun(opts: FuzzGuestRunOptions = {}): Promise<GuestFuzzReport> {
   const vm = await startVm({
     profile: opts.profile ?? "qemu",
-    frontEnd: { regions: FUZZ_REGIONS },
+    frontEnd: { regions: FUZZ_REGIONS, packed: opts.packed ?? false },
     guest: { timeoutMs: 20000 },
   });
   try {
@@ -66,6 +68,7 @@ if (import.meta.main) {
   const report = await fuzzGuestRun({
     seed,
     durationMs: minutes * 60_000,
+    packed: args.includes("--packed"),
     log: (l) => console.log(l),
   });
   console.log(JSON.stringify(report));

@@ -1,5 +1,5 @@
 /**
- * `deno task fuzz [--minutes N] [--seed S] [--only guest|front-end|host-apps]`: the long run
+ * `deno task fuzz [--minutes N] [--seed S] [--only guest|front-end|host-apps] [--packed]`: the long run
  * of the three fuzzers of the hostile-inputs campaign, one after the other, each for N
  * minutes (default 1): a hostile guest (lib/testing/guest_fuzz.ts), a hostile vhost-user
  * front end (front_end.ts) and hostile host apps (host_apps.ts). Each prints its seed first
@@ -20,13 +20,16 @@ const { values } = parseArgs({
     minutes: { type: "string", default: "1" },
     seed: { type: "string" },
     only: { type: "string" },
+    packed: { type: "boolean", default: false },
   },
 });
 const durationMs = Number(values.minutes) * 60_000;
 const given = values.seed ?? Deno.env.get("FUZZ_SEED");
 const only = values.only;
 if (!(durationMs > 0) || (only !== undefined && !FUZZERS.includes(only as never))) {
-  console.error(`usage: deno task fuzz [--minutes N] [--seed S] [--only ${FUZZERS.join("|")}]`);
+  console.error(
+    `usage: deno task fuzz [--minutes N] [--seed S] [--only ${FUZZERS.join("|")}] [--packed]`,
+  );
   Deno.exit(2);
 }
 const seedFor = () =>
@@ -39,7 +42,7 @@ for (const name of FUZZERS) {
   console.log(`== ${name} fuzzer: ${values.minutes} min, seed ${seed}`);
   const t0 = performance.now();
   const report = name === "guest"
-    ? await fuzzGuestRun({ seed, durationMs, log })
+    ? await fuzzGuestRun({ seed, durationMs, log, packed: values.packed })
     : name === "front-end"
     ? await fuzzFrontEnd({ seed, durationMs, log })
     : await fuzzHostApps({ seed, durationMs, log });

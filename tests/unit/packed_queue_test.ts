@@ -29,7 +29,7 @@ import { PackedQueue } from "../../lib/virtio/packed_queue.ts";
 import { POP_CHAIN, POP_EMPTY, POP_INVALID, QueueError } from "../../lib/virtio/virtqueue.ts";
 import { RawPackedDriver, type RawSeg, rd, wr } from "./packed_raw_driver.ts";
 
-// Two adjacent regions, a gap, a third region (as in split_queue_test.ts).
+// Two adjacent regions, a gap, a third region (as in split_queue_fixture.ts).
 const R0 = { gpa: 0x0, size: 0x10000 };
 const R1 = { gpa: 0x10000, size: 0x10000 };
 const R2 = { gpa: 0x40000, size: 0x1000 };

@@ -1,7 +1,8 @@
 /**
  * Helpers shared by the integration tests that run a whole VM (`startVm`: the back end as a
  * child process, a scripted front end and guest driver): test data and its comparison, a VM
- * that is always stopped (failures quote the back end's stderr), connections both ways, and
+ * that is always stopped (failures quote the back end's stderr), connections both ways, waits
+ * on the back end (a log line, with or without pumping the guest; a host socket it closes), and
  * the traffic scenarios run under several ring layouts and features (bulk streams both ways,
  * many concurrent connections).
  */
@@ -109,6 +110,58 @@ export async function waitForLog(
     timeoutMs,
     `${count} back-end log line(s) matching ${re}`,
   );
+}
+
+/** Like `waitForLog` without pumping the guest (for when the vhost-user connection is gone). */
+export async function waitForLogOnly(vm: VmHandle, re: RegExp, timeoutMs = 5000): Promise<void> {
+  const deadline = Date.now() + timeoutMs;
+  while (logLines(vm, re).length === 0) {
+    if (Date.now() >= deadline) {
+      throw new Error(`no back-end log line matching ${re} within ${timeoutMs} ms`);
+    }
+    await sleep(20);
+  }
+}
+
+/** Resolves after `ms` milliseconds. */
+export function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms));
+}
+
+/**
+ * Waits until the back end closes `conn` (EOF or ECONNRESET), discarding data; returns the
+ * milliseconds since `start` (default: now). Rejects after `timeoutMs` (closing `conn`).
+ */
+export async function expectClosedByBackend(
+  conn: Deno.Conn,
+  timeoutMs: number,
+  what: string,
+  start = performance.now(),
+): Promise<number> {
+  const op = (async () => {
+    const buf = new Uint8Array(4096);
+    try {
+      while ((await conn.read(buf)) !== null) { /* discard */ }
+    } catch (e) {
+      if (!(e instanceof Deno.errors.ConnectionReset)) throw e;
+    }
+    return performance.now() - start;
+  })();
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => {
+      try {
+        conn.close();
+      } catch { /* closed */ }
+      reject(new Error(`${what}: the back end did not close the socket within ${timeoutMs} ms`));
+    }, timeoutMs);
+  });
+  try {
+    return await Promise.race([op, timeout]);
+  } finally {
+    clearTimeout(timer);
+    op.catch(() => {});
+  }
 }
 
 /**

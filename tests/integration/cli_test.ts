@@ -1,6 +1,7 @@
 /**
  * The back end's command line, run as a child process (`main.ts`): bad flags exit with status 2
- * and one line on stderr, creating nothing.
+ * and one line on stderr, creating nothing; `--print-capabilities` prints valid JSON (type vsock,
+ * the snapshot/migration features) and exits 0.
  */
 import assert from "node:assert/strict";
 import { repoRoot } from "../../lib/testing/mod.ts";
@@ -50,4 +51,26 @@ Deno.test("CLI: bad flags exit with status 2 and one line on stderr", async () =
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
+});
+
+// ---------------------------------------------------------------------------------------
+// --print-capabilities
+// ---------------------------------------------------------------------------------------
+
+Deno.test("--print-capabilities prints valid JSON with type vsock and exits 0", async () => {
+  const out = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", `${repoRoot()}/main.ts`, "--print-capabilities"],
+    stdin: "null",
+    stdout: "piped",
+    stderr: "piped",
+    signal: AbortSignal.timeout(60_000),
+  }).output();
+  const stdout = dec.decode(out.stdout);
+  assert.equal(out.code, 0, dec.decode(out.stderr));
+  const caps = JSON.parse(stdout);
+  assert.equal(typeof caps, "object");
+  assert.equal(caps.type, "vsock");
+  // the snapshot/migration features are listed
+  assert.ok(caps.features.includes("device-state"), stdout);
+  assert.ok(caps.features.includes("dirty-log"), stdout);
 });

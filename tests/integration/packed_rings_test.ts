@@ -16,8 +16,9 @@
  *   the descriptor ring itself, and the device event suppression area is logged too).
  *
  * Seqpacket, datagrams and the lost-wakeup races over packed rings are parameters of
- * guest_seqpacket_test.ts, dgram_test.ts, lifecycle_test.ts, lost_wakeup_inprocess_test.ts and
- * stress_test.ts; hostile packed descriptors are in packed_hostile_test.ts.
+ * guest_seqpacket_test.ts, dgram_test.ts, the lifecycle_*_test.ts files,
+ * lost_wakeup_inprocess_test.ts and stress_test.ts; hostile packed descriptors are in
+ * packed_hostile_test.ts.
  */
 import assert from "node:assert/strict";
 import {

@@ -16,21 +16,15 @@
  * `writeFrom` for copies longer than SMALL_COPY bytes (one subarray view each).
  */
 
-import type { GuestMemory } from "./memory.ts";
+import { GPA_HI_LIMIT, type GuestMemory, HOST_LITTLE_ENDIAN, TWO_POW_32 } from "./memory.ts";
 
 /** Copies up to this many bytes go byte by byte instead of through a subarray view. */
 const SMALL_COPY = 64;
 /** Region offsets below this are copied with int32 indices (faster element access). */
 const INT_INDEX_LIMIT = 0x7fff_0000;
 
-const TWO_POW_32 = 0x1_0000_0000;
 /** Largest total chain length: a used length is a u32. */
 const CHAIN_MAX_BYTES = 0xffff_ffff;
-/** A descriptor address whose high u32 half is >= 2^21 is >= 2^53: out of bounds. */
-const ADDR_HI_LIMIT = 0x20_0000;
-
-/** iovecs are written as u32 halves, which assumes a little-endian host (x86_64, aarch64). */
-const HOST_LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
 
 /** Where each iovec of a `hostIovecs` call lies in guest memory (see its `segments`). */
 export interface IovSegments {
@@ -115,7 +109,7 @@ export class DescChain {
       return "chain is longer than 2^32 - 1 bytes";
     }
     let gpa = hi * TWO_POW_32 + lo;
-    if (hi >= ADDR_HI_LIMIT || gpa > Number.MAX_SAFE_INTEGER - len) {
+    if (hi >= GPA_HI_LIMIT || gpa > Number.MAX_SAFE_INTEGER - len) {
       return `buffer [0x${gpa.toString(16)}, +${len}) is outside guest memory`;
     }
     const mem = this.#memory();

@@ -15,6 +15,13 @@
  * tests; the backend's real implementation maps the front end's memfds.
  */
 
+/** 2^32: a guest address comes as two u32 halves, `hi * TWO_POW_32 + lo`. */
+export const TWO_POW_32 = 0x1_0000_0000;
+/** A guest address whose high u32 half is >= 2^21 is >= 2^53: beyond any region (and a Number). */
+export const GPA_HI_LIMIT = 0x20_0000;
+/** Ring words and iovecs are written as u32 halves, which assumes a little-endian host. */
+export const HOST_LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
+
 /** One contiguous guest-physical range and its mapping in this process. */
 export interface MemRegion {
   /** guest physical address of byte 0 */

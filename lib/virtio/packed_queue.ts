@@ -56,7 +56,7 @@
  */
 
 import type { DescChain } from "./desc_chain.ts";
-import type { GuestMemory } from "./memory.ts";
+import { type GuestMemory, HOST_LITTLE_ENDIAN, TWO_POW_32 } from "./memory.ts";
 import {
   isAvailable,
   isValidPackedQueueSize,
@@ -107,8 +107,6 @@ const EVENT_FLAGS_WORD = PACKED_EVENT_FLAGS / 2;
 const EVENT_FLAGS_MASK = 0x3;
 /** Bytes of a used descriptor the device writes before its flags: len and id. */
 const USED_LEN_ID_BYTES = PACKED_DESC_FLAGS - PACKED_DESC_LEN;
-const TWO_POW_32 = 0x1_0000_0000;
-const HOST_LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
 
 export class PackedQueue implements VirtQueue {
   readonly packed = true;

@@ -49,7 +49,7 @@
  */
 
 import type { DescChain } from "./desc_chain.ts";
-import type { GuestMemory } from "./memory.ts";
+import { type GuestMemory, HOST_LITTLE_ENDIAN, TWO_POW_32 } from "./memory.ts";
 import {
   availElemOffset,
   availEventOffset,
@@ -94,9 +94,6 @@ import {
   type VirtQueue,
   type VirtQueueOptions,
 } from "./virtqueue.ts";
-
-const TWO_POW_32 = 0x1_0000_0000;
-const HOST_LITTLE_ENDIAN = new Uint8Array(new Uint16Array([1]).buffer)[0] === 1;
 
 export class SplitQueue implements VirtQueue {
   readonly packed = false;

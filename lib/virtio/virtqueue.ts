@@ -19,7 +19,7 @@
  */
 
 import type { DescChain } from "./desc_chain.ts";
-import type { GuestMemory, MemRegion } from "./memory.ts";
+import { GPA_HI_LIMIT, type GuestMemory, type MemRegion, TWO_POW_32 } from "./memory.ts";
 
 /** The queue's configuration is unusable (bad size, ring outside memory, misaligned). */
 export class QueueError extends Error {
@@ -125,10 +125,6 @@ export interface VirtQueue {
   isEmpty(): boolean;
 }
 
-/** An indirect table address whose high u32 half is >= 2^21 is >= 2^53: out of bounds. */
-const ADDR_HI_LIMIT = 0x20_0000;
-const TWO_POW_32 = 0x1_0000_0000;
-
 /**
  * Locates an indirect descriptor table (address as u32 halves, length in bytes)
  * of `entrySize`-byte entries: its region index, or why it is invalid (length not
@@ -151,7 +147,7 @@ export function locateIndirectTable(
     return `indirect table has ${entries} entries, more than ${maxEntries}`;
   }
   const gpa = hi * TWO_POW_32 + lo;
-  const r = hi >= ADDR_HI_LIMIT ? -1 : mem.regionOf(gpa, len);
+  const r = hi >= GPA_HI_LIMIT ? -1 : mem.regionOf(gpa, len);
   if (r < 0) {
     return `indirect table [0x${gpa.toString(16)}, +${len}) is not inside one memory region`;
   }

@@ -17,20 +17,9 @@ import {
   GUEST_KERNEL_ARGS,
   type GuestDiagnostics,
   guestOk,
-  guestSpawn,
   report,
-  TRANSFER_TIMEOUT_MS,
-  within,
 } from "./e2e_util.ts";
-import {
-  acceptAndRead,
-  hostListen,
-  hybridConnectWhenListening,
-  parseSha256sum,
-  readExactly,
-  waitClosed,
-  writeAll,
-} from "./host_side.ts";
+import { echoThroughGuest, guestToHostFile } from "./transfers.ts";
 import { VIRTIO_F_RING_PACKED } from "../../lib/virtio/features.ts";
 
 const missing = missingPrerequisites();
@@ -38,7 +27,6 @@ const required = Boolean(Deno.env.get("CI") || Deno.env.get("E2E_REQUIRED"));
 const ignore = missing.length > 0 && !required;
 if (ignore) console.warn(`e2e packed: skipped, missing ${missing.join(", ")}`);
 
-const VMADDR_CID_HOST = 2;
 const GUEST_CID = 3;
 const MiB = 1024 * 1024;
 
@@ -49,65 +37,6 @@ async function guestFeatureBits(d: GuestDiagnostics): Promise<string> {
     "cat /sys/bus/virtio/drivers/vmw_vsock_virtio_transport/virtio*/features",
   );
   return out.trim();
-}
-
-/** Guest -> host: `bytes` random bytes through socat, checked by sha256 on both sides. */
-async function guestToHost(d: GuestDiagnostics & { backend: BackendProcess }, port: number) {
-  const bytes = 8 * MiB;
-  const hashes = parseSha256sum(
-    await guestOk(d, `head -c ${bytes} /dev/urandom > /tmp/p${port} && sha256sum /tmp/p${port}`),
-  );
-  const listener = hostListen(d.backend, port);
-  try {
-    const start = performance.now();
-    const [[got]] = await within(
-      Promise.all([
-        acceptAndRead(listener, 1),
-        guestOk(
-          d,
-          `socat -u FILE:/tmp/p${port} VSOCK-CONNECT:${VMADDR_CID_HOST}:${port}`,
-          TRANSFER_TIMEOUT_MS,
-        ),
-      ]),
-      TRANSFER_TIMEOUT_MS,
-      "the guest->host transfer",
-      d,
-    );
-    report(`packed rings: guest->host ${bytes / MiB} MiB`, got.eofAt - start);
-    assert.equal(got.bytes, bytes);
-    assert.equal(got.sha256, hashes.get(`/tmp/p${port}`));
-  } finally {
-    listener.close();
-  }
-}
-
-/** Host -> guest -> host: a 4 MiB echo through a guest socat `cat` service. */
-async function echo(d: GuestDiagnostics & { backend: BackendProcess }, port: number) {
-  const server = await guestSpawn(d, `socat VSOCK-LISTEN:${port},fork EXEC:cat`);
-  let conn: Deno.Conn | undefined;
-  try {
-    const c = await hybridConnectWhenListening(d.backend.udsPath, port, d);
-    conn = c.conn;
-    const payload = new Uint8Array(4 * MiB);
-    for (let off = 0; off < payload.length; off += 65536) {
-      crypto.getRandomValues(payload.subarray(off, off + 65536));
-    }
-    const start = performance.now();
-    const [, echoed] = await within(
-      Promise.all([writeAll(c.conn, payload), readExactly(c.conn, payload.length)]),
-      TRANSFER_TIMEOUT_MS,
-      "the 4 MiB echo",
-      d,
-    );
-    report("packed rings: host->guest echo 4 MiB", performance.now() - start);
-    const firstDiff = echoed.findIndex((b, i) => b !== payload[i]);
-    assert.equal(firstDiff, -1, `echo differs at byte ${firstDiff}`);
-    c.conn.closeWrite();
-    assert.equal(await within(waitClosed(c.conn), 10_000, "echo EOF", d), "EOF");
-  } finally {
-    conn?.close();
-    await server.stop();
-  }
 }
 
 Deno.test({
@@ -134,15 +63,21 @@ Deno.test({
       const bits = await guestFeatureBits(d);
       assert.equal(bits[VIRTIO_F_RING_PACKED], "1", `guest feature bits ${bits}`);
     });
-    await t.step("guest->host 8 MiB over packed rings arrives intact", () => guestToHost(d, 5300));
-    await t.step("host->guest echo of 4 MiB over packed rings is intact", () => echo(d, 6300));
+    await t.step(
+      "guest->host 8 MiB over packed rings arrives intact",
+      () => guestToHostFile(d, 5300, 8 * MiB, "packed rings: guest->host 8 MiB"),
+    );
+    await t.step(
+      "host->guest echo of 4 MiB over packed rings is intact",
+      () => echoThroughGuest(d, 6300, 4 * MiB, "packed rings: host->guest echo 4 MiB"),
+    );
     await t.step("after a driver reload (rings restart), data still flows", async () => {
       await d.vm.reloadVsockDriver(GUEST_CMD_TIMEOUT_MS).catch((e) => {
         throw new Error(`${(e as Error).message}\n${backend.logTail()}`);
       });
       assert.equal((await guestFeatureBits(d))[VIRTIO_F_RING_PACKED], "1");
-      await guestToHost(d, 5301);
-      await echo(d, 6301);
+      await guestToHostFile(d, 5301, 8 * MiB, "packed rings: guest->host 8 MiB after a reload");
+      await echoThroughGuest(d, 6301, 4 * MiB, "packed rings: host->guest echo after a reload");
     });
     assert.deepEqual(backend.errorLines(), []);
   } finally {

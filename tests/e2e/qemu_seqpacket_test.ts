@@ -21,6 +21,7 @@
  * libc6-dev) are missing, unless CI or E2E_REQUIRED is set: then they fail.
  */
 import assert from "node:assert/strict";
+import { VSOCK_HOST_CID as VMADDR_CID_HOST } from "../../lib/vsock/constants.ts";
 import { ensureGuestImage, GuestVM, missingPrerequisites } from "./guest_vm.ts";
 import { BackendProcess, type SiblingVm } from "./backend.ts";
 import {
@@ -48,7 +49,6 @@ const KiB = 1024;
 const SIZES = [1, 4 * KiB, 64 * KiB, 128 * KiB];
 const GUEST_CID = 3;
 const SIBLING_CID = 4;
-const VMADDR_CID_HOST = 2;
 const BUILD_DIR = new URL("../../build/e2e/", import.meta.url).pathname;
 
 /** Why vsock_seq cannot be built here, or null: gcc and a static libc must exist. */

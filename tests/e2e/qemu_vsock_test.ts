@@ -24,6 +24,7 @@
  * Set E2E_LOG_DIR to keep the guest console and the backend log of every run.
  */
 import assert from "node:assert/strict";
+import { VSOCK_HOST_CID as VMADDR_CID_HOST } from "../../lib/vsock/constants.ts";
 import { ensureGuestImage, GuestVM, missingPrerequisites } from "./guest_vm.ts";
 import { BackendProcess } from "./backend.ts";
 import { concat } from "../../lib/testing/bytes.ts";
@@ -55,14 +56,13 @@ import {
   waitClosed,
   writeAll,
 } from "./host_side.ts";
+import { echoThroughGuest, guestToHostFile } from "./transfers.ts";
 
 const missing = missingPrerequisites();
 const required = Boolean(Deno.env.get("CI") || Deno.env.get("E2E_REQUIRED"));
 const ignore = missing.length > 0 && !required;
 if (ignore) console.warn(`e2e vsock tests skipped: missing ${missing.join(", ")}`);
 
-/** The host's CID as the guest addresses it (`VMADDR_CID_HOST`). */
-const VMADDR_CID_HOST = 2;
 const GUEST_CID = 3;
 const MiB = 1024 * 1024;
 const KiB = 1024;
@@ -215,64 +215,15 @@ Deno.test({
     const d = { vm, backend };
     const baselineSockets = socketFdCount(backend);
 
-    const ok1 = await t.step("guest->host 8 MiB stream arrives intact", async () => {
-      const port = 5000;
-      const hashes = parseSha256sum(
-        await guestOk(d, "head -c 8388608 /dev/urandom > /tmp/blob8 && sha256sum /tmp/blob8"),
-      );
-      const listener = hostListen(backend, port);
-      try {
-        const start = performance.now();
-        const recv = acceptAndRead(listener, 1);
-        const send = guestOk(
-          d,
-          `socat -u FILE:/tmp/blob8 VSOCK-CONNECT:${VMADDR_CID_HOST}:${port}`,
-          TRANSFER_TIMEOUT_MS,
-        );
-        const [[got]] = await within(
-          Promise.all([recv, send]),
-          TRANSFER_TIMEOUT_MS,
-          "the 8 MiB guest->host stream",
-          d,
-        );
-        report("guest->host 8 MiB", got.eofAt - start);
-        assert.equal(got.bytes, 8 * MiB);
-        assert.equal(got.sha256, hashes.get("/tmp/blob8"));
-      } finally {
-        listener.close();
-      }
-    });
+    const ok1 = await t.step(
+      "guest->host 8 MiB stream arrives intact",
+      () => guestToHostFile(d, 5000, 8 * MiB, "guest->host 8 MiB"),
+    );
 
-    const ok2 = await t.step("host->guest echo of 4 MiB through CONNECT is intact", async () => {
-      const port = 6000;
-      const server = await guestSpawn(d, `socat VSOCK-LISTEN:${port},fork EXEC:cat`);
-      let conn: Deno.Conn | undefined;
-      try {
-        const c = await hybridConnectWhenListening(backend.udsPath, port, d);
-        conn = c.conn;
-        assert.ok(c.hostPort > 0);
-        const payload = new Uint8Array(4 * MiB);
-        // getRandomValues fills at most 64 KiB per call
-        for (let off = 0; off < payload.length; off += 65536) {
-          crypto.getRandomValues(payload.subarray(off, off + 65536));
-        }
-        const start = performance.now();
-        const [, echoed] = await within(
-          Promise.all([writeAll(c.conn, payload), readExactly(c.conn, payload.length)]),
-          TRANSFER_TIMEOUT_MS,
-          "the 4 MiB echo",
-          d,
-        );
-        report("host->guest echo 4 MiB", performance.now() - start);
-        const firstDiff = echoed.findIndex((b, i) => b !== payload[i]);
-        assert.equal(firstDiff, -1, `echo differs at byte ${firstDiff}`);
-        c.conn.closeWrite();
-        assert.equal(await within(waitClosed(c.conn), 10_000, "echo EOF", d), "EOF");
-      } finally {
-        conn?.close();
-        await server.stop();
-      }
-    });
+    const ok2 = await t.step(
+      "host->guest echo of 4 MiB through CONNECT is intact",
+      () => echoThroughGuest(d, 6000, 4 * MiB, "host->guest echo 4 MiB"),
+    );
 
     const ok3 = await t.step(
       "16 concurrent guest->host streams, half into slow host apps, arrive intact",

@@ -9,8 +9,12 @@
  * commands and the fairness load use non-blocking sockets. Host->guest datagrams follow the back
  * end's protocol (lib/vsock/dgram.ts): `<guest-port>\n<payload>` from `<uds-path>_<P>.dgram`.
  *
- * Commands: sink, source, echo, pingpong, load, burn, manyListen, manyOpen, manyTransfer, manyClose,
- * stats.
+ * For the fairness figure's raw baseline a third instance plays the guest's part (`mixRaw`,
+ * raw_mix.ts: echo, bulk sinks and a datagram socket in one epoll loop), `load` connects to it
+ * directly and sends plain datagrams, and `pingpong` runs against it without the handshake.
+ *
+ * Commands: sink, source, echo, pingpong, load, burn, mixRaw, manyListen, manyOpen, manyTransfer,
+ * manyClose, stats.
  */
 import {
   acceptRaw,
@@ -34,6 +38,8 @@ import {
   setNonBlocking,
   SHUT_WR,
   shutdownRaw,
+  SOCK_DGRAM,
+  unixSocket,
   writeRaw,
 } from "../../ffi/mod.ts";
 import { DGRAM_SUFFIX } from "../../lib/vsock/dgram.ts";
@@ -49,6 +55,7 @@ import {
   streamHeader,
   type VerifyMode,
 } from "./pattern.ts";
+import { mixRaw } from "./raw_mix.ts";
 
 const pattern = makePattern();
 const readBuf = new Uint8Array(MAX_CHUNK);
@@ -304,29 +311,47 @@ const DGRAM_BURST = 64;
 
 /**
  * load {udsPath, ports, writeSize, durationMs, dgram: {fromPort, toPort, size} | null}: the
- * fairness figure's background load. Opens one hybrid connection to each guest port of
- * `ports`; with `dgram`, binds a datagram socket at `<udsPath>_<fromPort>.dgram` (the host
- * port the guest sees) and connects it to the back end's `<udsPath>.dgram`. Then, for
- * `durationMs`, keeps every stream's socket full (non-blocking `writeSize` writes of the
- * pattern) and sends `<toPort>\n` + `size`-byte datagrams as fast as the socket takes them,
- * sleeping in poll(2) only when nothing moved; then half-closes the streams and waits for the
- * guest's close. Emits "started" once everything is open.
+ * fairness figure's background load through the back end. Opens one hybrid connection to each
+ * guest port of `ports`; with `dgram`, binds a datagram socket at `<udsPath>_<fromPort>.dgram`
+ * (the host port the guest sees) and connects it to the back end's `<udsPath>.dgram`, each
+ * datagram being `<toPort>\n` + `size` bytes of payload.
+ *
+ * load {paths, writeSize, durationMs, dgram: {path, size} | null}: the same load for the raw
+ * AF_UNIX baseline (`mixRaw`): connects to each of `paths` directly, and sends plain `size`-byte
+ * datagrams from an unbound socket connected to `dgram.path`.
+ *
+ * Then, for `durationMs`, keeps every stream's socket full (non-blocking `writeSize` writes of
+ * the pattern) and sends datagrams as fast as the socket takes them, sleeping in poll(2) only
+ * when nothing moved; then half-closes the streams and waits for the peer's close. Emits
+ * "started" once everything is open.
  */
 function load(msg: Command, emit: EmitFn) {
+  const raw = msg.paths !== undefined;
   const udsPath = String(msg.udsPath);
-  const ports = (msg.ports as unknown[]).map(Number);
+  const targets = raw
+    ? (msg.paths as unknown[]).map(String)
+    : (msg.ports as unknown[]).map((p) => `guest port ${p}`);
   const writeSize = Math.min(Number(msg.writeSize), MAX_CHUNK);
-  const dg = msg.dgram as { fromPort: number; toPort: number; size: number } | null;
-  const fds = ports.map((p) => {
-    const fd = connectTo(udsPath, p);
-    setNonBlocking(fd);
-    return fd;
-  });
-  const sent = ports.map(() => 0);
+  const dg = msg.dgram as
+    | { fromPort: number; toPort: number; size: number; path?: undefined }
+    | { path: string; size: number }
+    | null;
+  const fds = raw
+    ? targets.map((p) => connectTo(p, null))
+    : (msg.ports as unknown[]).map((p) => connectTo(udsPath, Number(p)));
+  for (const fd of fds) setNonBlocking(fd);
+  const sent = fds.map(() => 0);
   let dfd = -1;
   let dgPath = "";
+  let dgIovs = 0;
   const io = new MessageIo();
-  if (dg !== null) {
+  if (dg !== null && dg.path !== undefined) {
+    dfd = unixSocket(SOCK_DGRAM, true);
+    const r = connectRaw(dfd, dg.path);
+    if (r < 0) fail(`connect to ${dg.path}`, r);
+    io.setIov(0, pattern.slice(0, dg.size));
+    dgIovs = 1;
+  } else if (dg !== null) {
     dgPath = `${udsPath}_${dg.fromPort}${DGRAM_SUFFIX}`;
     try {
       Deno.removeSync(dgPath);
@@ -336,6 +361,7 @@ function load(msg: Command, emit: EmitFn) {
     if (r < 0) fail(`connect to ${udsPath}${DGRAM_SUFFIX}`, r);
     io.setIov(0, enc.encode(`${dg.toPort}\n`));
     io.setIov(1, pattern.slice(0, dg.size));
+    dgIovs = 2;
   }
   const pollList = dfd < 0 ? fds : [...fds, dfd];
   const pollEvents = pollList.map(() => POLLOUT);
@@ -353,10 +379,10 @@ function load(msg: Command, emit: EmitFn) {
       if (n > 0) {
         sent[i] += n;
         moved++;
-      } else if (n !== -EAGAIN) fail(`write to guest port ${ports[i]}`, n);
+      } else if (n !== -EAGAIN) fail(`write to ${targets[i]}`, n);
     }
     for (let k = 0; dfd >= 0 && k < DGRAM_BURST; k++) {
-      const n = io.send(dfd, 2);
+      const n = io.send(dfd, dgIovs);
       if (n > 0) {
         dgramsSent++;
         moved++;
@@ -379,10 +405,8 @@ function load(msg: Command, emit: EmitFn) {
     drainToEof(fd);
     close(fd);
   }
-  if (dfd >= 0) {
-    close(dfd);
-    Deno.removeSync(dgPath);
-  }
+  if (dfd >= 0) close(dfd);
+  if (dgPath !== "") Deno.removeSync(dgPath);
   return { bytes: sent, t0, tWritten, cpu, dgramsSent, dgramsRefused, sleeps };
 }
 
@@ -652,6 +676,7 @@ await serveCommands(
     pingpong,
     load,
     burn,
+    mixRaw: (msg, emit) => mixRaw(msg, emit, pattern),
     manyListen,
     manyOpen,
     manyTransfer,

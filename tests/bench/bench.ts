@@ -12,14 +12,15 @@
  *   virtio-vsock driver that costs about what a kernel driver costs (payload sent by reference
  *   from a pool in guest RAM, received payload checked in place by samples);
  * - two host applications (host_app_proc.ts): blocking AF_UNIX I/O through FFI; one talks to
- *   the back ends' hybrid sockets, both together make the raw baseline.
+ *   the back ends' hybrid sockets, both together make the raw baseline; with the fairness
+ *   figure a third one plays the guest's part for its raw baseline (`mixRaw`).
  *
  * Workloads: single-stream throughput (guest->host and host->guest at 4 KiB, 64 KiB and 1 MiB
  * writes; host->guest 64 KiB also into 64 KiB rx buffers) with CPU seconds per GiB of every
  * process; 64-byte ping-pong RTT p50/p99; N concurrent connections with every byte checked and
  * RSS per open connection (first back end only); RSS idle; the fairness figure (fairness.ts:
  * ping-pong p99 and 4 bulk streams alone and under a datagram flood; first back end only, with
- * `--dgram` on the crosvm profile). Rounds (`--repeat`) interleave the raw baseline and every
+ * `--dgram` on the crosvm profile; beside a raw AF_UNIX run of the same phases). Rounds (`--repeat`) interleave the raw baseline and every
  * back end, medians are reported.
  *
  * Output: tables on stdout, `--json FILE` with every figure and run, `--markdown FILE` with the
@@ -288,6 +289,10 @@ async function main(): Promise<number> {
   const rigSizes = [...new Set([LINUX_RX_BUF_SIZE, ...cases.map((c) => c.rxBuf)])];
   const hostA = BenchChild.spawn("host app", `${here}host_app_proc.ts`, []);
   const hostB = BenchChild.spawn("raw peer", `${here}host_app_proc.ts`, []);
+  // The fairness figure's raw baseline: a host app in the guest's part (`mixRaw`).
+  const rawMix = skip.has("fairness")
+    ? null
+    : BenchChild.spawn("raw mix", `${here}host_app_proc.ts`, []);
   const runner = new Runner(
     { durationMs, hostVerify, guestVerify, stallMs: STALL_MS, tmp },
     hostA,
@@ -305,7 +310,11 @@ async function main(): Promise<number> {
   let exitCode = 0;
   try {
     progress(`starting ${backends.length * rigSizes.length} back end(s) and their guests`);
-    await Promise.all([hostA.unsolicited("ready", 30000), hostB.unsolicited("ready", 30000)]);
+    await Promise.all(
+      [hostA, hostB, ...(rawMix === null ? [] : [rawMix])].map((h) =>
+        h.unsolicited("ready", 30000)
+      ),
+    );
     await Promise.all(
       backends.flatMap((b, i) =>
         rigSizes.map(async (rx) => rigs[i].set(rx, await startRig(b, rx)))
@@ -373,7 +382,7 @@ async function main(): Promise<number> {
       if (fairRig !== null) {
         progress(`${fairRig.name}: fairness, ${fairMs} ms per phase${round}`);
         fairRounds.push(
-          await fairnessRound(runner, fairRig, {
+          await fairnessRound(runner, fairRig, rawMix!, {
             durationMs: fairMs,
             warmup: quick ? 50 : 500,
             guestVerify,
@@ -395,7 +404,12 @@ async function main(): Promise<number> {
     exitCode = 2;
   } finally {
     const all = [...rigs.flatMap((m) => [...m.values()]), ...(fairRig === null ? [] : [fairRig])];
-    await Promise.all([hostA.close(), hostB.close(), ...all.map((r) => r.guest.close())]);
+    await Promise.all([
+      hostA.close(),
+      hostB.close(),
+      ...(rawMix === null ? [] : [rawMix.close()]),
+      ...all.map((r) => r.guest.close()),
+    ]);
     await Promise.all(all.map((r) => r.backend.stop()));
     await Deno.remove(tmp, { recursive: true }).catch(() => {});
   }

@@ -23,7 +23,17 @@
  * load comes from a second host process (host_app_proc.ts `load`) so the ping-pong's own
  * process does nothing else. On a 2-CPU machine the back end, the guest and both host apps
  * share two CPUs, so CPU contention is part of what "under load" measures.
+ *
+ * Raw AF_UNIX baseline: right after each of phases 1-4, the same phase runs with no back end,
+ * a third host app process in the guest's place (host_app_proc.ts `mixRaw`, raw_mix.ts: the
+ * echo, the 4 sinks and a datagram socket in one epoll loop). App A's ping-pong connects to
+ * its echo directly, app B's `load` connects to its sinks directly and sends plain 1 KiB
+ * datagrams (no `<port>\n` prefix, which is the back end's protocol). Same durations, same
+ * integrity checks (plus: every raw datagram sent arrives, AF_UNIX blocks rather than drops),
+ * the same CPU-wait accounting over the raw mix and both host apps. Its rows ("raw AF_UNIX:")
+ * carry no target: they tell what the machine itself gives the same flows.
  */
+import type { BenchChild, Call } from "./control.ts";
 import type { PingPong, Rig, Runner } from "./runs.ts";
 import { procCpuSeconds } from "./proc_stats.ts";
 import { fmt, median } from "./report.ts";
@@ -55,6 +65,7 @@ export interface BulkPhase {
   readonly mibps: number;
   /** each stream's MiB/s (same clock as the aggregate) */
   readonly perStream: number[];
+  /** CPU seconds of the back end (raw phases: NaN) */
   readonly backendCpu: number;
   readonly dgramsSent: number;
   readonly dgramsReceived: number;
@@ -67,52 +78,134 @@ export interface BulkPhase {
 export interface FairPhase {
   readonly ping?: PingPong;
   readonly bulk?: BulkPhase;
-  /** seconds the back end, guest and host apps were runnable without a CPU, per second */
+  /** seconds the processes taking part were runnable without a CPU, per second */
   readonly cpuWaitPerS: number;
-  /** seconds each process was runnable without a CPU during the phase */
+  /**
+   * seconds each process was runnable without a CPU during the phase; `guest`: whoever plays
+   * the guest's part (the raw mix in raw phases, which have no back end: NaN)
+   */
   readonly waitSeconds: { backend: number; guest: number; ping: number; load: number };
   /** the phase's wall-clock seconds */
   readonly wallSeconds: number;
 }
 
-/** One round of the figure: the four phases. */
-export interface FairnessRound {
+/** The four phases measured both through the back end and over plain AF_UNIX. */
+export interface FairPhases {
   readonly pingAlone: FairPhase;
   readonly bulkAlone: FairPhase;
   readonly withBulk: FairPhase;
   readonly loaded: FairPhase;
-  /** control: the ping-pong beside a process spinning on a CPU, no other vsock traffic */
-  readonly cpuBound: FairPhase;
 }
 
-/** Runs one round of the figure through `rig`. */
+/** One round of the figure: the phases through the back end, the control, the raw baseline. */
+export interface FairnessRound extends FairPhases {
+  /** control: the ping-pong beside a process spinning on a CPU, no other vsock traffic */
+  readonly cpuBound: FairPhase;
+  /** the same four phases with the raw mix (host_app_proc.ts `mixRaw`) in the guest's place */
+  readonly raw: FairPhases;
+}
+
+/** What runs in one phase. */
+interface What {
+  readonly ping: boolean;
+  readonly bulk: boolean;
+  readonly flood: boolean;
+  readonly burn?: boolean;
+}
+
+const PHASES: Readonly<Record<keyof FairPhases, What>> = {
+  pingAlone: { ping: true, bulk: false, flood: false },
+  bulkAlone: { ping: false, bulk: true, flood: false },
+  withBulk: { ping: true, bulk: true, flood: false },
+  loaded: { ping: true, bulk: true, flood: true },
+};
+
+/**
+ * Runs one round of the figure through `rig`, each phase followed by its raw twin against
+ * `rawMix` (a host app child of its own), so load changes hit both alike.
+ */
 export async function fairnessRound(
   runner: Runner,
   rig: Rig,
+  rawMix: BenchChild,
   o: FairnessOptions,
 ): Promise<FairnessRound> {
+  const ours: Partial<Record<keyof FairPhases, FairPhase>> = {};
+  const raw: Partial<Record<keyof FairPhases, FairPhase>> = {};
+  for (const k of Object.keys(PHASES) as (keyof FairPhases)[]) {
+    ours[k] = await phase(runner, rig, o, PHASES[k]);
+    raw[k] = await phase(runner, rawMix, o, PHASES[k]);
+  }
+  const burn = { ping: true, bulk: false, flood: false, burn: true };
   return {
-    pingAlone: await phase(runner, rig, o, { ping: true, bulk: false, flood: false }),
-    bulkAlone: await phase(runner, rig, o, { ping: false, bulk: true, flood: false }),
-    withBulk: await phase(runner, rig, o, { ping: true, bulk: true, flood: false }),
-    loaded: await phase(runner, rig, o, { ping: true, bulk: true, flood: true }),
-    cpuBound: await phase(runner, rig, o, { ping: true, bulk: false, flood: false, burn: true }),
+    ...(ours as FairPhases),
+    cpuBound: await phase(runner, rig, o, burn),
+    raw: raw as FairPhases,
   };
+}
+
+/** Where one phase's flows go: the guest's `mix` behind the back end, or the raw mix. */
+interface Endpoints {
+  readonly mix: Call;
+  /** the back end's pid (raw: null) and the pid of whoever plays the guest's part */
+  readonly backend: number | null;
+  readonly guest: number;
+  /** `pingpong`'s target */
+  readonly ping: { path: string; hybridPort: number | null };
+  /** `load`'s target (everything but its sizes and duration) */
+  readonly load: Rec;
+  /** reports' name of the side ("ours", "raw AF_UNIX") */
+  readonly name: string;
+}
+
+/** Starts the receiving side of a phase on `to` (a rig, or the raw mix child). */
+function endpoints(runner: Runner, to: Rig | BenchChild, o: FairnessOptions, what: What) {
+  const nStreams = what.bulk ? FAIR_BULK_STREAMS : 0;
+  const timeoutMs = o.durationMs + runner.opts.stallMs;
+  if (!("backend" in to)) {
+    const sock = (role: string) => `${runner.opts.tmp}/fair-${role}-${runner.newPort()}.sock`;
+    const echoPath = what.ping ? sock("echo") : null;
+    const sinkPaths = Array.from({ length: nStreams }, () => sock("bulk"));
+    const dgramPath = what.flood ? sock("dgram") : null;
+    return {
+      mix: to.call("mixRaw", { echoPath, sinkPaths, dgramPath, verify: o.guestVerify, timeoutMs }),
+      backend: null,
+      guest: to.pid,
+      ping: { path: echoPath ?? "", hybridPort: null },
+      load: {
+        paths: sinkPaths,
+        dgram: dgramPath === null ? null : { path: dgramPath, size: FAIR_DGRAM_SIZE },
+      },
+      name: "raw AF_UNIX",
+    } satisfies Endpoints;
+  }
+  const echoPort = what.ping ? runner.newPort() : null;
+  const sinkPorts = Array.from({ length: nStreams }, () => runner.newPort());
+  const dgramPort = what.flood ? runner.newPort() : null;
+  return {
+    mix: to.guest.call("mix", { echoPort, sinkPorts, dgramPort, verify: o.guestVerify }),
+    backend: to.backend.pid,
+    guest: to.guest.pid,
+    ping: { path: to.backend.udsPath, hybridPort: echoPort },
+    load: {
+      udsPath: to.backend.udsPath,
+      ports: sinkPorts,
+      dgram: dgramPort === null
+        ? null
+        : { fromPort: FLOOD_HOST_PORT, toPort: dgramPort, size: FAIR_DGRAM_SIZE },
+    },
+    name: to.name,
+  } satisfies Endpoints;
 }
 
 async function phase(
   runner: Runner,
-  rig: Rig,
+  to: Rig | BenchChild,
   o: FairnessOptions,
-  what: { ping: boolean; bulk: boolean; flood: boolean; burn?: boolean },
+  what: What,
 ): Promise<FairPhase> {
   const stall = runner.opts.stallMs;
   const timeout = o.durationMs + stall;
-  const echoPort = what.ping ? runner.newPort() : null;
-  const sinkPorts = what.bulk
-    ? Array.from({ length: FAIR_BULK_STREAMS }, () => runner.newPort())
-    : [];
-  const dgramPort = what.flood ? runner.newPort() : null;
   const label = [
     what.ping && "ping-pong",
     what.bulk && "bulk",
@@ -120,28 +213,21 @@ async function phase(
     what.burn && "a CPU-bound process",
   ]
     .filter((x) => x).join(" + ");
-  const mix = rig.guest.call("mix", {
-    echoPort,
-    sinkPorts,
-    dgramPort,
-    verify: o.guestVerify,
-  });
-  await mix.event("listening", stall);
-  const pids = [rig.backend.pid, rig.guest.pid, runner.hostA.pid, runner.hostB.pid];
-  const w0 = runner.waits(pids);
-  const each0 = pids.map((p) => runner.waits([p]));
+  const ep: Endpoints = endpoints(runner, to, o, what);
+  await ep.mix.event("listening", stall);
+  const pids = [ep.backend ?? -1, ep.guest, runner.hostA.pid, runner.hostB.pid];
+  const waits = () => pids.map((p) => (p < 0 ? NaN : runner.waits([p])));
+  const sum = (xs: number[]) => xs.reduce((a, b) => a + (Number.isNaN(b) ? 0 : b), 0);
+  const each0 = waits();
   const wall0 = performance.now();
-  const b0 = procCpuSeconds(rig.backend.pid);
+  const cpu = () => (ep.backend === null ? NaN : procCpuSeconds(ep.backend));
+  const b0 = cpu();
   let loadCall = null;
   if (what.bulk) {
     loadCall = runner.hostB.call("load", {
-      udsPath: rig.backend.udsPath,
-      ports: sinkPorts,
+      ...ep.load,
       writeSize: BULK_WRITE,
       durationMs: o.durationMs,
-      dgram: what.flood
-        ? { fromPort: FLOOD_HOST_PORT, toPort: dgramPort, size: FAIR_DGRAM_SIZE }
-        : null,
     });
     await loadCall.event("started", stall);
   }
@@ -153,8 +239,7 @@ async function phase(
   const pingMs = what.bulk || what.burn ? Math.max(50, o.durationMs - 300) : o.durationMs;
   const pp = what.ping
     ? runner.hostA.run("pingpong", {
-      path: rig.backend.udsPath,
-      hybridPort: echoPort,
+      ...ep.ping,
       size: 64,
       warmup: o.warmup,
       iterations: 1_000_000,
@@ -164,22 +249,25 @@ async function phase(
   const [ping, load, guest] = await Promise.all([
     pp,
     loadCall === null ? Promise.resolve(null) : loadCall.done(timeout),
-    mix.done(timeout * 2),
+    ep.mix.done(timeout * 2),
   ]);
-  const backendCpu = procCpuSeconds(rig.backend.pid) - b0;
+  const backendCpu = cpu() - b0;
   const wallS = (performance.now() - wall0) / 1000;
-  const cpuWaitPerS = (runner.waits(pids) - w0) / wallS;
-  const each = pids.map((p, i) => runner.waits([p]) - each0[i]);
+  const each = waits().map((w, i) => w - each0[i]);
+  const cpuWaitPerS = sum(each) / wallS;
   const waitSeconds = { backend: each[0], guest: each[1], ping: each[2], load: each[3] };
-  const who = `${rig.name} fairness (${label})`;
-  runner.noteAnomalies(rig.name, `fairness ${label}`, (guest.anomalies ?? []) as string[]);
+  const who = `${ep.name} fairness (${label})`;
+  runner.noteAnomalies(ep.name, `fairness ${label}`, (guest.anomalies ?? []) as string[]);
   let out: FairPhase = { cpuWaitPerS, waitSeconds, wallSeconds: wallS };
   if (ping !== null) {
     runner.check(who, Number(ping.mismatches) === 0, "echo mismatch");
     const rtts = Number(ping.iterations);
     out = {
       ...out,
-      ping: { ...(ping as unknown as PingPong), backendCpuPerRtt: backendCpu / rtts },
+      ping: {
+        ...(ping as unknown as PingPong),
+        backendCpuPerRtt: ep.backend === null ? undefined : backendCpu / rtts,
+      },
     };
   }
   if (load !== null && what.bulk) {
@@ -197,14 +285,25 @@ async function phase(
       if (Number(s.mismatches) !== 0) runner.check(who, false, String(s.error));
     }
     const total = sent.reduce((a, b) => a + b, 0);
-    runner.check(who, bytes === total, `sent ${total} bytes, the guest received ${bytes}`);
+    const receiver = ep.backend === null ? "the raw mix" : "the guest";
+    runner.check(who, bytes === total, `sent ${total} bytes, ${receiver} received ${bytes}`);
+    const dgramsSent = Number(load.dgramsSent);
+    const dgramsReceived = Number(guest.datagrams);
+    if (ep.backend === null) {
+      // Plain AF_UNIX datagrams block the sender rather than drop: all of them arrive.
+      runner.check(
+        who,
+        dgramsReceived === dgramsSent && Number(load.dgramsRefused) === 0,
+        `sent ${dgramsSent} datagrams (${load.dgramsRefused} refused), received ${dgramsReceived}`,
+      );
+    }
     const seconds = (tEnd - t0) / 1000;
     const bulk: BulkPhase = {
       mibps: bytes / MiB / seconds,
       perStream,
       backendCpu,
-      dgramsSent: Number(load.dgramsSent),
-      dgramsReceived: Number(guest.datagrams),
+      dgramsSent,
+      dgramsReceived,
       seconds,
       senderCpu: Number(load.cpu),
     };
@@ -223,35 +322,53 @@ export interface FairnessRow {
   readonly target?: { op: "<=" | ">="; bound: number };
 }
 
-/** The figure's rows (medians over rounds). */
+/** The figure's rows (medians over rounds); each raw AF_UNIX row follows its own figure. */
 export function fairnessRows(rounds: readonly FairnessRound[]): FairnessRow[] {
   const m = (f: (r: FairnessRound) => number | undefined) => median(rounds.map((r) => f(r) ?? NaN));
   type Pick = (p: FairPhase) => number | undefined;
-  /** a figure of the ping-pong phases (alone, with bulk, with bulk + flood) */
-  const ping = (f: (p: PingPong) => number): [number, number, number] => {
-    const g: Pick = (p) => (p.ping === undefined ? undefined : f(p.ping));
-    return [m((r) => g(r.pingAlone)), m((r) => g(r.withBulk)), m((r) => g(r.loaded))];
-  };
-  /** a figure of the bulk phases (bulk alone, with ping-pong, with ping-pong + flood) */
-  const bulk = (f: (b: BulkPhase) => number): [number, number, number] => {
-    const g: Pick = (p) => (p.bulk === undefined ? undefined : f(p.bulk));
-    return [m((r) => g(r.bulkAlone)), m((r) => g(r.withBulk)), m((r) => g(r.loaded))];
-  };
+  type Side = (r: FairnessRound) => FairPhases;
+  const ours: Side = (r) => r;
+  const raw: Side = (r) => r.raw;
   /** a figure of each phase with the ping-pong (alone, with bulk, with bulk + flood) */
-  const pingPhase = (f: Pick): [number, number, number] => [
-    m((r) => f(r.pingAlone)),
-    m((r) => f(r.withBulk)),
-    m((r) => f(r.loaded)),
+  const pingPhase = (f: Pick, side = ours): [number, number, number] => [
+    m((r) => f(side(r).pingAlone)),
+    m((r) => f(side(r).withBulk)),
+    m((r) => f(side(r).loaded)),
   ];
+  /** a figure of the ping-pong phases (alone, with bulk, with bulk + flood) */
+  const ping = (f: (p: PingPong) => number, side = ours) =>
+    pingPhase((p) => (p.ping === undefined ? undefined : f(p.ping)), side);
+  /** a figure of the bulk phases (bulk alone, with ping-pong, with ping-pong + flood) */
+  const bulk = (f: (b: BulkPhase) => number, side = ours): [number, number, number] => {
+    const g: Pick = (p) => (p.bulk === undefined ? undefined : f(p.bulk));
+    return [
+      m((r) => g(side(r).bulkAlone)),
+      m((r) => g(side(r).withBulk)),
+      m((r) => g(side(r).loaded)),
+    ];
+  };
+  /** the flood phase's datagrams delivered per second */
+  const dgramsPerS = (side: Side): [number, number, number] => {
+    const perS = (b: BulkPhase | undefined) => b && b.dgramsReceived / b.seconds;
+    return [NaN, NaN, m((r) => perS(side(r).loaded.bulk))];
+  };
   const spread = (b: BulkPhase) => Math.min(...b.perStream) / Math.max(...b.perStream);
+  const RAW = "raw AF_UNIX:";
+  const p50 = "64 B ping-pong RTT p50 (us)";
+  const p99 = "64 B ping-pong RTT p99 (us)";
+  const bulkName = `${FAIR_BULK_STREAMS} bulk host->guest streams together (MiB/s)`;
+  const dgramName = `datagrams (${FAIR_DGRAM_SIZE} B) delivered to the guest per s`;
+  const waitName = "CPU wait of all processes, ping-pong phases (s per s)";
   return [
-    { key: "fair_pingpong_p50", name: "64 B ping-pong RTT p50 (us)", values: ping((p) => p.p50) },
+    { key: "fair_pingpong_p50", name: p50, values: ping((p) => p.p50) },
+    { key: "fair_raw_pingpong_p50", name: `${RAW} ${p50}`, values: ping((p) => p.p50, raw) },
     {
       key: "fair_pingpong_p99",
-      name: "64 B ping-pong RTT p99 (us)",
+      name: p99,
       values: ping((p) => p.p99),
       target: { op: "<=", bound: 3 },
     },
+    { key: "fair_raw_pingpong_p99", name: `${RAW} ${p99}`, values: ping((p) => p.p99, raw) },
     {
       key: "fair_pingpong_p99_cpu_bound",
       name: "control: p99 beside a CPU-bound process instead of the load (us)",
@@ -269,19 +386,21 @@ export function fairnessRows(rounds: readonly FairnessRound[]): FairnessRow[] {
     },
     {
       key: "fair_bulk_throughput",
-      name: `${FAIR_BULK_STREAMS} bulk host->guest streams together (MiB/s)`,
+      name: bulkName,
       values: bulk((b) => b.mibps),
       target: { op: ">=", bound: 0.8 },
     },
-    { key: "fair_bulk_spread", name: "slowest bulk stream / fastest", values: bulk(spread) },
     {
-      key: "fair_dgrams_per_s",
-      name: `datagrams (${FAIR_DGRAM_SIZE} B) delivered to the guest per s`,
-      values: [
-        NaN,
-        NaN,
-        m((r) => r.loaded.bulk && r.loaded.bulk.dgramsReceived / r.loaded.bulk.seconds),
-      ],
+      key: "fair_raw_bulk_throughput",
+      name: `${RAW} ${FAIR_BULK_STREAMS} bulk streams together (MiB/s)`,
+      values: bulk((b) => b.mibps, raw),
+    },
+    { key: "fair_bulk_spread", name: "slowest bulk stream / fastest", values: bulk(spread) },
+    { key: "fair_dgrams_per_s", name: dgramName, values: dgramsPerS(ours) },
+    {
+      key: "fair_raw_dgrams_per_s",
+      name: `${RAW} datagrams (${FAIR_DGRAM_SIZE} B) delivered per s`,
+      values: dgramsPerS(raw),
     },
     {
       key: "fair_dgrams_delivered",
@@ -317,14 +436,11 @@ export function fairnessRows(rounds: readonly FairnessRound[]): FairnessRow[] {
       name: "guest's CPU wait, ping-pong phases (ms per s)",
       values: pingPhase((p) => (1000 * p.waitSeconds.guest) / p.wallSeconds),
     },
+    { key: "fair_cpu_wait", name: waitName, values: pingPhase((p) => p.cpuWaitPerS) },
     {
-      key: "fair_cpu_wait",
-      name: "CPU wait of all processes, ping-pong phases (s per s)",
-      values: [
-        m((r) => r.pingAlone.cpuWaitPerS),
-        m((r) => r.withBulk.cpuWaitPerS),
-        m((r) => r.loaded.cpuWaitPerS),
-      ],
+      key: "fair_raw_cpu_wait",
+      name: `${RAW} ${waitName}`,
+      values: pingPhase((p) => p.cpuWaitPerS, raw),
     },
   ];
 }

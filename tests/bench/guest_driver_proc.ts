@@ -37,6 +37,7 @@ import {
   streamHeader,
   type VerifyMode,
 } from "./pattern.ts";
+import { ArrivalClock, now, sinkResult } from "./stream_clock.ts";
 
 /** Longest single poll (ms): bounds how late a stall is noticed. */
 const POLL_SLICE_MS = 100;
@@ -69,11 +70,6 @@ const g = await LeanGuest.boot(args.socket, {
   pool: pattern,
   packed: args.packed,
 });
-
-/** Epoch milliseconds with sub-ms resolution, comparable across the bench processes. */
-function now(): number {
-  return performance.timeOrigin + performance.now();
-}
 
 /** The rings' state the first time a poll slice passed with no notification while driving. */
 let firstQuietPoll: string | null = null;
@@ -206,12 +202,8 @@ function source(msg: Command, emit: EmitFn) {
 /** One host->guest stream read to EOF, checked in place, with its timing. */
 class SinkStream {
   readonly checker: StreamChecker;
-  tFirst = 0;
-  tEnd = 0;
-  /** longest time without new data once data flows (a stall shows up here) */
-  maxGapMs = 0;
+  readonly clock = new ArrivalClock();
   #lastBytes = 0;
-  #lastAt = 0;
 
   constructor(readonly conn: LeanConn, readonly verify: VerifyMode, label: string) {
     this.checker = new StreamChecker(pattern, verify, 0, label);
@@ -222,26 +214,15 @@ class SinkStream {
   step(): boolean {
     const got = this.conn.bytesReceived;
     if (got !== this.#lastBytes) {
-      const t = performance.now();
-      if (this.tFirst === 0) this.tFirst = now();
-      else if (t - this.#lastAt > this.maxGapMs) this.maxGapMs = t - this.#lastAt;
-      this.#lastAt = t;
+      this.clock.arrived();
       this.#lastBytes = got;
     }
-    if (this.conn.eof && this.tEnd === 0) this.tEnd = now();
+    if (this.conn.eof) this.clock.ended();
     return this.conn.eof;
   }
 
   result() {
-    return {
-      bytes: this.conn.bytesReceived,
-      tFirst: this.tFirst,
-      tEnd: this.tEnd,
-      maxGapMs: this.maxGapMs,
-      checked: this.checker.checked,
-      mismatches: this.verify === "none" ? 0 : this.checker.mismatches,
-      error: this.checker.error,
-    };
+    return sinkResult(this.conn.bytesReceived, this.clock, this.checker, this.verify);
   }
 }
 

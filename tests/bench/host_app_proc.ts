@@ -56,15 +56,11 @@ import {
   type VerifyMode,
 } from "./pattern.ts";
 import { mixRaw } from "./raw_mix.ts";
+import { ArrivalClock, now, sinkResult } from "./stream_clock.ts";
 
 const pattern = makePattern();
 const readBuf = new Uint8Array(MAX_CHUNK);
 const enc = new TextEncoder();
-
-/** Epoch milliseconds with sub-ms resolution, comparable across the bench processes. */
-function now(): number {
-  return performance.timeOrigin + performance.now();
-}
 
 function fail(what: string, neg: number): never {
   throw new Error(`${what}: errno ${-neg}`);
@@ -155,36 +151,20 @@ function sink(msg: Command, emit: EmitFn) {
   closeListener(path);
   const checker = new StreamChecker(pattern, verify, 0, `sink ${path}`);
   const cpu0 = cpuSeconds();
-  let tFirst = 0;
+  const clock = new ArrivalClock();
   let reads = 0;
-  // Longest time without data once data flows (a stall shows up here).
-  let lastAt = 0;
-  let maxGapMs = 0;
   for (;;) {
     const n = readRaw(fd, readBuf, readSize);
     if (n === 0) break;
     if (n < 0) fail("read", n);
-    const t = performance.now();
-    if (tFirst === 0) tFirst = now();
-    else if (t - lastAt > maxGapMs) maxGapMs = t - lastAt;
-    lastAt = t;
+    clock.arrived();
     reads++;
     checker.check(readBuf.subarray(0, n));
   }
-  const tEnd = now();
+  clock.ended();
   const cpu = cpuSeconds() - cpu0;
   close(fd);
-  return {
-    bytes: checker.offset,
-    tFirst,
-    tEnd,
-    cpu,
-    reads,
-    maxGapMs,
-    checked: checker.checked,
-    mismatches: checker.mismatches,
-    error: checker.error,
-  };
+  return { ...sinkResult(checker.offset, clock, checker, verify), cpu, reads };
 }
 
 /**

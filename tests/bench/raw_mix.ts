@@ -30,6 +30,7 @@ import {
 } from "../../ffi/mod.ts";
 import type { Command, EmitFn } from "./control.ts";
 import { StreamChecker, type VerifyMode } from "./pattern.ts";
+import { ArrivalClock, now, sinkResult } from "./stream_clock.ts";
 
 /** Bytes per stream read (the guest's sockets and the host app's `sink` read 64 KiB too). */
 const READ_SIZE = 65536;
@@ -37,11 +38,6 @@ const READ_SIZE = 65536;
 const DGRAM_BURST = 64;
 /** Longest epoll wait, so the deadline is looked at. */
 const POLL_SLICE_MS = 100;
-
-/** Epoch milliseconds with sub-ms resolution, comparable across the bench processes. */
-function now(): number {
-  return performance.timeOrigin + performance.now();
-}
 
 function removeSocketFile(path: string): void {
   try {
@@ -74,22 +70,18 @@ class OneShotListener {
   }
 }
 
-/** One bulk stream read to EOF and checked, with the guest `SinkStream`'s timing. */
+/** One bulk stream read to EOF and checked, with its arrival timing. */
 class RawSink {
   fd = -1;
   readonly checker: StreamChecker;
-  tFirst = 0;
-  tEnd = 0;
-  /** longest time without new data once data flows (a stall shows up here) */
-  maxGapMs = 0;
-  #lastAt = 0;
+  readonly clock = new ArrivalClock();
 
   constructor(pattern: Uint8Array, readonly verify: VerifyMode, readonly path: string) {
     this.checker = new StreamChecker(pattern, verify, 0, `raw stream at ${path}`);
   }
 
   get eof(): boolean {
-    return this.tEnd !== 0;
+    return this.clock.tEnd !== 0;
   }
 
   /** One read into `buf`; at EOF closes the connection. */
@@ -98,28 +90,17 @@ class RawSink {
     if (n === -EAGAIN) return;
     if (n < 0) throw new Error(`read of the raw stream at ${this.path}: errno ${-n}`);
     if (n === 0) {
-      this.tEnd = now();
+      this.clock.ended();
       close(this.fd);
       this.fd = -1;
       return;
     }
-    const t = performance.now();
-    if (this.tFirst === 0) this.tFirst = now();
-    else if (t - this.#lastAt > this.maxGapMs) this.maxGapMs = t - this.#lastAt;
-    this.#lastAt = t;
+    this.clock.arrived();
     this.checker.check(buf.subarray(0, n));
   }
 
   result() {
-    return {
-      bytes: this.checker.offset,
-      tFirst: this.tFirst,
-      tEnd: this.tEnd,
-      maxGapMs: this.maxGapMs,
-      checked: this.checker.checked,
-      mismatches: this.verify === "none" ? 0 : this.checker.mismatches,
-      error: this.checker.error,
-    };
+    return sinkResult(this.checker.offset, this.clock, this.checker, this.verify);
   }
 }
 

@@ -39,6 +39,7 @@ import {
   VSOCK_HOST_CID,
 } from "./constants.ts";
 import type { PacketHeader } from "./packet.ts";
+import { DatagramRing } from "./dgram_ring.ts";
 import type { RxFlow } from "./rx_scheduler.ts";
 
 /** Suffix of the back end's datagram socket (`<uds_path>.dgram`) and of host apps' ones. */
@@ -53,6 +54,10 @@ export const DGRAM_RESUME_PACKETS = DGRAM_QUEUE_PACKETS / 2;
 export const DGRAM_RESUME_BYTES = DGRAM_QUEUE_BYTES / 2;
 /** Flows (host port, guest port) at once; datagrams of further sources are dropped. */
 export const DGRAM_MAX_FLOWS = 256;
+/** Drained flows' queues kept for reuse (each holds up to DGRAM_QUEUE_BYTES of storage). */
+const DGRAM_SPARE_QUEUES = 4;
+/** The queue of a forgotten flow: always empty. */
+const NO_DATAGRAMS = new DatagramRing(0, 1);
 /** Datagrams read from the host socket per wakeup (then other fds get their turn). */
 const DGRAM_READS_PER_WAKEUP = 64;
 /** Longest `<port>\n` line. */
@@ -83,67 +88,55 @@ export interface DgramStats {
 class DgramFlow implements RxFlow {
   inRxQueue = false;
   deficit = 0;
-  readonly #queue: Uint8Array[] = [];
-  #bytes = 0;
 
   constructor(
     readonly ep: DgramEndpoint,
     readonly hostPort: number,
     readonly guestPort: number,
     readonly weight: number,
+    /** its datagrams; NO_DATAGRAMS once forgotten (the storage then serves another flow) */
+    public queue: DatagramRing,
   ) {}
 
   get done(): boolean {
-    return this.#queue.length === 0;
+    return this.queue.length === 0;
   }
 
   hasRxWork(): boolean {
-    return this.#queue.length > 0;
-  }
-
-  /** Room for a datagram of `size` bytes. */
-  hasRoom(size: number): boolean {
-    return this.#queue.length < DGRAM_QUEUE_PACKETS && this.#bytes + size <= DGRAM_QUEUE_BYTES;
-  }
-
-  push(d: Uint8Array): boolean {
-    if (!this.hasRoom(d.length)) return false;
-    this.#queue.push(d);
-    this.#bytes += d.length;
-    return true;
+    return this.queue.length > 0;
   }
 
   canSendInto(_room: number): boolean {
-    return this.#queue.length > 0; // a datagram too big for this buffer is dropped in fillRx
+    return this.queue.length > 0; // a datagram too big for this buffer is dropped in fillRx
   }
 
   fillRx(chain: DescChain): number {
-    const d = this.#queue.shift()!;
-    this.#bytes -= d.length;
+    const q = this.queue;
+    const len = q.frontLength;
+    const fits = len <= chain.writableLen - VIRTIO_VSOCK_HDR_SIZE;
+    if (fits) chain.writeFrom(q.front(), VIRTIO_VSOCK_HDR_SIZE);
+    q.shift();
     // Read the host socket again once the flow has drained to half: one pause/resume
     // cycle then carries many datagrams, not one (each cycle costs two epoll_ctl calls and,
     // under a flood, one datagram read only to be dropped).
-    if (this.#queue.length <= DGRAM_RESUME_PACKETS && this.#bytes <= DGRAM_RESUME_BYTES) {
-      this.ep.resume();
-    }
-    if (d.length > chain.writableLen - VIRTIO_VSOCK_HDR_SIZE) {
-      this.ep.dropped("toGuest", `a ${d.length}-byte datagram does not fit the guest's buffer`);
+    if (q.length <= DGRAM_RESUME_PACKETS && q.bytes <= DGRAM_RESUME_BYTES) this.ep.resume();
+    if (q.length === 0) this.ep.forget(this);
+    if (!fits) {
+      this.ep.dropped("toGuest", `a ${len}-byte datagram does not fit the guest's buffer`);
       return -1;
     }
-    chain.writeFrom(d, VIRTIO_VSOCK_HDR_SIZE);
     const h = this.ep.ctx.header;
     h.reset();
     h.srcCid = VSOCK_HOST_CID;
     h.dstCid = this.ep.ctx.guestCid;
     h.srcPort = this.hostPort;
     h.dstPort = this.guestPort;
-    h.len = d.length;
+    h.len = len;
     h.type = VIRTIO_VSOCK_TYPE_DGRAM;
     h.op = VIRTIO_VSOCK_OP_RW;
     this.ep.ctx.emit(chain);
     this.ep.stats.toGuest++;
-    if (this.#queue.length === 0) this.ep.forget(this);
-    return VIRTIO_VSOCK_HDR_SIZE + d.length;
+    return VIRTIO_VSOCK_HDR_SIZE + len;
   }
 }
 
@@ -158,6 +151,8 @@ export class DgramEndpoint {
   readonly #hostSuffix = new TextEncoder().encode(DGRAM_SUFFIX);
   readonly path: string;
   readonly #flows = new Map<number, DgramFlow>();
+  /** storage of flows that drained, for the next ones (so a bursty source allocates once) */
+  readonly #spareQueues: DatagramRing[] = [];
   readonly #buf = new Uint8Array(PORT_LINE_MAX + MAX_PKT_PAYLOAD);
   readonly #line = new Uint8Array(PORT_LINE_MAX);
   readonly #addrs = new Map<number, Uint8Array>();
@@ -222,12 +217,11 @@ export class DgramEndpoint {
         continue;
       }
       const f = this.#flow(hostPort, guestPort);
-      if (f === null || !f.hasRoom(n - nl - 1)) {
+      if (f === null || !f.queue.push(this.#buf.subarray(nl + 1, n))) {
         this.dropped("toGuest", `queue full for guest port ${guestPort}`);
         this.#pause(); // until the guest takes a datagram
         return;
       }
-      f.push(this.#buf.slice(nl + 1, n));
       this.ctx.scheduleFlow(f);
     }
   }
@@ -261,7 +255,9 @@ export class DgramEndpoint {
     let f = this.#flows.get(key);
     if (f === undefined) {
       if (this.#flows.size >= DGRAM_MAX_FLOWS) return null;
-      f = new DgramFlow(this, hostPort, guestPort, this.ctx.weightOf(guestPort));
+      const queue = this.#spareQueues.pop() ??
+        new DatagramRing(DGRAM_QUEUE_BYTES, DGRAM_QUEUE_PACKETS);
+      f = new DgramFlow(this, hostPort, guestPort, this.ctx.weightOf(guestPort), queue);
       this.#flows.set(key, f);
     }
     return f;
@@ -270,6 +266,10 @@ export class DgramEndpoint {
   /** `f` has nothing queued: forget it (it is recreated by the next datagram). */
   forget(f: DgramFlow): void {
     this.#flows.delete(f.hostPort * 0x1_0000_0000 + f.guestPort);
+    // Whoever still holds `f` must never reach the datagrams of the flow that gets this
+    // storage next (the scheduler drops a flow as soon as it is done, but that is its rule).
+    if (this.#spareQueues.length < DGRAM_SPARE_QUEUES) this.#spareQueues.push(f.queue);
+    f.queue = NO_DATAGRAMS;
   }
 
   /** Counts (and, rate-limited, logs) a dropped datagram. */
@@ -306,6 +306,7 @@ export class DgramEndpoint {
   /** Forgets every queued datagram (device reset). */
   clear(): void {
     this.#flows.clear();
+    this.#spareQueues.length = 0;
   }
 
   close(): void {

@@ -135,6 +135,54 @@ for (const packed of [false, true]) {
       await vm.stop();
     }
   });
+
+  Deno.test(`datagrams: sources taking turns in bursts each keep their port and order (drained flows' storage is reused) [${rings} rings]`, async () => {
+    const vm = await startVm({
+      profile: "crosvm",
+      backend: { extraArgs: ["--dgram"] },
+      frontEnd: { packed },
+    });
+    const apps = [new HostDgram(vm, 7100), new HostDgram(vm, 7101)];
+    try {
+      const sock = vm.guest.bindDgram(6100);
+      const burst = 40; // more than one scheduler quantum of 4 KiB rx buffers
+      const next = [0, 0];
+      const got = [0, 0];
+      const payload = new Uint8Array(1000);
+      const view = new DataView(payload.buffer);
+      for (let round = 0; round < 6; round++) {
+        for (let a = 0; a < 2; a++) {
+          for (let k = 0; k < burst; k++) {
+            view.setUint32(0, apps[a].port);
+            view.setUint32(4, next[a]++);
+            for (;;) { // a Unix datagram socket queues few datagrams: wait for the back end
+              const n = apps[a].sendTo(6100, payload);
+              if (n !== -EAGAIN) {
+                assert.equal(n, 5 + payload.length);
+                break;
+              }
+              await vm.guest.idle(1);
+            }
+          }
+          // Let the back end take this burst (and drain its flow) before the other source.
+          await vm.guest.idle(2);
+        }
+        for (let n = 0; n < 2 * burst; n++) {
+          const d = await sock.recvFrom({ timeoutMs: 3000 });
+          const dv = new DataView(d.data.buffer, d.data.byteOffset);
+          const a = apps.findIndex((x) => x.port === d.port);
+          assert.ok(a >= 0, `datagram from port ${d.port}`);
+          assert.equal(dv.getUint32(0), d.port, "the datagram carries its source's port");
+          assert.equal(dv.getUint32(4), got[a]++, `datagram order from port ${d.port}`);
+        }
+      }
+      assert.deepEqual(got, next);
+      sock.close();
+    } finally {
+      for (const a of apps) a.close();
+      await vm.stop();
+    }
+  });
 }
 
 Deno.test("datagrams: without --dgram the bit is not offered and nothing is bound", async () => {

@@ -17,7 +17,10 @@
  *    contention alone does to the ping-pong's tail, to tell it from queueing in the back end.
  * Targets (issue 9): p99 RTT under load (4) <= 3x p99 alone (1); bulk under load (4) >= 80 % of
  * bulk alone (2). Every phase also records the CPU wait (schedstat run delay) of the processes
- * taking part, so CPU starvation is told apart from queueing in the back end.
+ * taking part, so CPU starvation is told apart from queueing in the back end, and the legs of
+ * the round trips (stream_clock.ts: the guest's echo stamps when its ring pass began, when it
+ * got the message and when it echoed it), so the time is placed: host app -> guest (the back
+ * end's rx path and the guest's pass), in the guest, guest -> host app.
  *
  * The guest serves everything in one loop (guest_driver_proc.ts `mix`), like one kernel; the
  * load comes from a second host process (host_app_proc.ts `load`) so the ping-pong's own
@@ -34,7 +37,7 @@
  * carry no target: they tell what the machine itself gives the same flows.
  */
 import type { BenchChild, Call } from "./control.ts";
-import type { PingPong, Rig, Runner } from "./runs.ts";
+import type { PingPong, PingSplit, Rig, Runner } from "./runs.ts";
 import { procCpuSeconds } from "./proc_stats.ts";
 import { fmt, median } from "./report.ts";
 
@@ -378,6 +381,7 @@ export function fairnessRows(rounds: readonly FairnessRound[]): FairnessRow[] {
         NaN,
       ],
     },
+    ...legRows(ping),
     { key: "fair_pingpong_rtts", name: "round trips measured", values: ping((p) => p.iterations) },
     {
       key: "fair_pingpong_backend_cpu",
@@ -443,6 +447,25 @@ export function fairnessRows(rounds: readonly FairnessRound[]): FairnessRow[] {
       values: pingPhase((p) => p.cpuWaitPerS, raw),
     },
   ];
+}
+
+/** The round trips' legs (stamped by the guest's echo, see stream_clock.ts): p50 and p99 each. */
+function legRows(
+  ping: (f: (p: PingPong) => number) => [number, number, number],
+): FairnessRow[] {
+  const legs = [
+    ["host_to_guest", "host app -> guest's echo service", (s: PingSplit) => s.hostToGuest],
+    ["guest_before", "of which the guest's ring pass before it", (s: PingSplit) => s.guestBefore],
+    ["in_guest", "in the guest, until echoed", (s: PingSplit) => s.inGuest],
+    ["guest_to_host", "guest's echo -> host app", (s: PingSplit) => s.guestToHost],
+  ] as const;
+  return legs.flatMap(([key, name, leg]) =>
+    (["p50", "p99"] as const).map((q) => ({
+      key: `fair_pingpong_${key}_${q}`,
+      name: `  leg: ${name}, ${q} (us)`,
+      values: ping((p) => (p.split ? leg(p.split)[q] : NaN)),
+    }))
+  );
 }
 
 /** The table cells: figure, the three columns, with flood / alone, target. */

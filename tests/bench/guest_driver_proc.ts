@@ -37,7 +37,16 @@ import {
   streamHeader,
   type VerifyMode,
 } from "./pattern.ts";
-import { ArrivalClock, now, sinkResult } from "./stream_clock.ts";
+import {
+  ArrivalClock,
+  now,
+  PING_STAMP_ARRIVED,
+  PING_STAMP_ECHOED,
+  PING_STAMP_PUMPED,
+  PING_STAMPED_SIZE,
+  sinkResult,
+  stampPing,
+} from "./stream_clock.ts";
 
 /** Longest single poll (ms): bounds how late a stall is noticed. */
 const POLL_SLICE_MS = 100;
@@ -232,7 +241,14 @@ class Echoer {
   echoed = 0;
 
   constructor(readonly conn: LeanConn) {
-    conn.onData = (p) => this.#queue.push(p.slice()); // the application's read() copies
+    conn.onData = (p) => { // the application's read() copies
+      const copy = p.slice();
+      if (copy.length === PING_STAMPED_SIZE) {
+        stampPing(copy, PING_STAMP_PUMPED, g.pumpStartedAt);
+        stampPing(copy, PING_STAMP_ARRIVED);
+      }
+      this.#queue.push(copy);
+    };
   }
 
   /** Sends back what credit and tx slots allow; returns bytes sent. */
@@ -243,6 +259,7 @@ class Echoer {
       const chunk = queue[0];
       const n = Math.min(chunk.length, g.sendRoom(this.conn), INLINE_MAX);
       if (n === 0) break;
+      if (n === PING_STAMPED_SIZE) stampPing(chunk, PING_STAMP_ECHOED);
       g.sendCopy(this.conn, chunk.subarray(0, n));
       if (n === chunk.length) queue.shift();
       else queue[0] = chunk.subarray(n);

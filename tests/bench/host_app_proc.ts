@@ -56,7 +56,17 @@ import {
   type VerifyMode,
 } from "./pattern.ts";
 import { mixRaw } from "./raw_mix.ts";
-import { ArrivalClock, now, sinkResult } from "./stream_clock.ts";
+import {
+  ArrivalClock,
+  now,
+  PING_STAMP_ARRIVED,
+  PING_STAMP_ECHOED,
+  PING_STAMP_PUMPED,
+  PING_STAMP_SENT,
+  PING_STAMPED_SIZE,
+  sinkResult,
+  stampPing,
+} from "./stream_clock.ts";
 
 const pattern = makePattern();
 const readBuf = new Uint8Array(MAX_CHUNK);
@@ -235,9 +245,16 @@ function pingpong(msg: Command, emit: EmitFn) {
   const durationMs = Number(msg.durationMs ?? Infinity);
   const fd = connectTo(String(msg.path), hybridPort);
   emit("connected");
-  const out = chunkAt(pattern, 0, 0, size);
+  const out = chunkAt(pattern, 0, 0, size).slice(); // stamped below: not the shared pattern
   const back = new Uint8Array(size);
   const rtt = new Float64Array(maxIterations);
+  // The legs of each round trip, when the echo stamps (see stream_clock.ts); NaN otherwise.
+  const stamped = size === PING_STAMPED_SIZE;
+  const backView = new DataView(back.buffer);
+  const legs = [new Float64Array(maxIterations), new Float64Array(maxIterations)];
+  const beforeInGuest = new Float64Array(maxIterations);
+  const inGuest = new Float64Array(maxIterations);
+  let legged = 0;
   const cpu0 = cpuSeconds();
   const t0 = now();
   let bad = 0;
@@ -250,6 +267,7 @@ function pingpong(msg: Command, emit: EmitFn) {
       iterations = i - warmup;
       break;
     }
+    if (stamped) stampPing(out, PING_STAMP_SENT);
     writeFully(fd, out);
     let got = 0;
     while (got < size) {
@@ -259,7 +277,19 @@ function pingpong(msg: Command, emit: EmitFn) {
       got += n;
     }
     const dt = performance.now() - t;
-    if (i >= warmup) rtt[i - warmup] = dt * 1000;
+    if (i >= warmup) {
+      rtt[i - warmup] = dt * 1000;
+      const arrived = stamped ? backView.getFloat64(PING_STAMP_ARRIVED, true) : 0;
+      const echoed = stamped ? backView.getFloat64(PING_STAMP_ECHOED, true) : 0;
+      if (arrived > 0 && echoed > 0) {
+        const sent = backView.getFloat64(PING_STAMP_SENT, true);
+        legs[0][legged] = (arrived - sent) * 1000;
+        beforeInGuest[legged] = (arrived - backView.getFloat64(PING_STAMP_PUMPED, true)) * 1000;
+        inGuest[legged] = (echoed - arrived) * 1000;
+        legs[1][legged] = (now() - echoed) * 1000;
+        legged++;
+      }
+    }
     if (back[0] !== out[0] || back[size - 1] !== out[size - 1]) bad++;
   }
   const wall = (now() - t0) / 1000;
@@ -268,9 +298,16 @@ function pingpong(msg: Command, emit: EmitFn) {
   drainToEof(fd);
   close(fd);
   const measured = rtt.subarray(0, iterations).sort();
-  const pct = (p: number) => measured[Math.min(iterations - 1, Math.floor(p * iterations))];
+  const pct = (p: number) => percentile(measured, p);
   let sum = 0;
   for (const x of measured) sum += x;
+  // Only a full set: an echo that stamped some round trips and not others is not split.
+  const split = legged === 0 || legged !== iterations ? null : {
+    hostToGuest: legPercentiles(legs[0].subarray(0, legged)),
+    guestBefore: legPercentiles(beforeInGuest.subarray(0, legged)),
+    inGuest: legPercentiles(inGuest.subarray(0, legged)),
+    guestToHost: legPercentiles(legs[1].subarray(0, legged)),
+  };
   return {
     p50: pct(0.5),
     p90: pct(0.9),
@@ -281,7 +318,19 @@ function pingpong(msg: Command, emit: EmitFn) {
     wall,
     cpu,
     mismatches: bad,
+    split,
   };
+}
+
+/** The `p` quantile of sorted `xs`. */
+function percentile(xs: Float64Array, p: number): number {
+  return xs[Math.min(xs.length - 1, Math.floor(p * xs.length))];
+}
+
+/** p50 and p99 of one leg of the round trips (us). */
+function legPercentiles(xs: Float64Array): { p50: number; p99: number } {
+  xs.sort();
+  return { p50: percentile(xs, 0.5), p99: percentile(xs, 0.99) };
 }
 
 // ---- fairness load -----------------------------------------------------------------------------

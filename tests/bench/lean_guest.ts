@@ -57,6 +57,7 @@ import {
 import { Credit } from "../../lib/vsock/credit.ts";
 import { PacketHeader, resetReplyFor } from "../../lib/vsock/packet.ts";
 import { INLINE_MAX, LeanRings } from "./lean_rings.ts";
+import { now } from "./stream_clock.ts";
 import { PATTERN_PERIOD } from "./pattern.ts";
 
 /** Linux's VIRTIO_VSOCK_MAX_PKT_BUF_SIZE: largest RW payload, and the credit-update mark. */
@@ -313,12 +314,16 @@ export class LeanGuest {
 
   // ---- rings ----------------------------------------------------------------------------
 
+  /** epoch ms when the current (or last) `pump` began: the guest's "interrupt" time */
+  pumpStartedAt = 0;
+
   /**
    * Processes everything pending without blocking: tx slots recycled, rx packets dispatched,
    * data read by the application (credit updates), events, backlog, rx refill, kicks.
    * Returns the used elements processed.
    */
   pump(): number {
+    this.pumpStartedAt = now();
     const r = this.rings;
     const anomaly = (what: string) => this.#anomaly(what);
     let n = r.reapTx(anomaly);

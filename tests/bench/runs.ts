@@ -90,6 +90,20 @@ export interface PingPong {
   readonly iterations: number;
   /** back end CPU seconds per round trip */
   readonly backendCpuPerRtt?: number;
+  /** the legs of the round trips (us), when the echo stamped them (the guest's does) */
+  readonly split?: PingSplit | null;
+}
+
+/** p50 and p99 (us) of each leg of a ping-pong's round trips (see stream_clock.ts). */
+export interface PingSplit {
+  /** host app's write -> the guest's rx processing hands the message to the echo service */
+  readonly hostToGuest: { p50: number; p99: number };
+  /** part of hostToGuest: the guest's pass over its rings, from its start to this message */
+  readonly guestBefore: { p50: number; p99: number };
+  /** -> the guest sends it back */
+  readonly inGuest: { p50: number; p99: number };
+  /** -> the host app has read it */
+  readonly guestToHost: { p50: number; p99: number };
 }
 
 /** Many-connection result. */

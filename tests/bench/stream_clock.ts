@@ -52,3 +52,26 @@ export function sinkResult(
     error: checker.error,
   };
 }
+
+/**
+ * Where a 64-byte ping-pong message carries timestamps (float64 epoch ms, little endian), so
+ * a round trip splits into its legs: the host app's send time, the time the guest's driver
+ * began the pass over its rings that found the message, the time it handed the message to
+ * the echo service (its rx processing), and the guest's echo time. An
+ * echo that does not stamp (the raw baseline's) leaves zeros. Bytes 0 and 63 keep the
+ * pattern, which the host app checks.
+ */
+export const PING_STAMPED_SIZE = 64;
+/** host app: when it wrote the message */
+export const PING_STAMP_SENT = 8;
+/** guest: when its rx processing handed the message to the echo service */
+export const PING_STAMP_ARRIVED = 16;
+/** guest: when it sent the message back */
+export const PING_STAMP_ECHOED = 24;
+/** guest: when the pass over its rings that found the message began (its "interrupt") */
+export const PING_STAMP_PUMPED = 32;
+
+/** Writes `t` (default: now) at `offset` of `msg` (a stamped ping-pong message). */
+export function stampPing(msg: Uint8Array, offset: number, t = now()): void {
+  new DataView(msg.buffer, msg.byteOffset, msg.byteLength).setFloat64(offset, t, true);
+}

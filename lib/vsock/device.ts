@@ -69,9 +69,19 @@ export type { VsockDeviceOptions } from "./muxer.ts";
 /** Chains handled per queue visit before yielding to other fds. */
 const MAX_CHAINS_PER_VISIT = 1024;
 /**
+ * Rx buffer bytes one visit fills before the reactor goes round once more, without sleeping,
+ * and comes back: a host socket that became readable meanwhile (an interactive connection's
+ * next message, a new datagram source) is then seen after at most this much bulk work (about
+ * 32 of Linux's 4 KiB buffers, 30-60 us), where a visit over a whole ring of bulk data took up
+ * to a millisecond and more. With 4 bulk streams that was most of an interactive round trip:
+ * in the benchmark's fairness figure its p50 went from about 0.5 ms to 0.1-0.2 ms and its p99
+ * under bulk and a datagram flood from 1.8-2.2 ms to 0.9-1 ms (docs/performance.md).
+ */
+export const RX_VISIT_BYTES = 128 * 1024;
+/**
  * Rx chains filled between two publications of the used ring within one visit: the driver
- * can take the first packets (an interactive flow's reply goes first, rx_scheduler.ts)
- * while the device is still filling the rest, instead of after up to MAX_CHAINS_PER_VISIT.
+ * can take the first packets while the device is still filling the rest. A sparse flow's
+ * packet (an interactive flow's message goes first, rx_scheduler.ts) is published at once.
  * With EVENT_IDX a publication interrupts the driver only when it asked to be (used_event).
  */
 const RX_PUBLISH_CHAINS = 32;
@@ -245,7 +255,7 @@ export class VsockDevice implements VirtioDevice {
       }
       if (handled >= MAX_CHAINS_PER_VISIT) {
         this.#txNeedsRun = true;
-        this.#reactor.wake();
+        this.#reactor.again();
         break;
       }
       const r = q.popOrArm(chain); // empty: notifications re-armed and re-checked
@@ -299,11 +309,12 @@ export class VsockDevice implements VirtioDevice {
     const chain = this.#rxChain;
     const muxer = this.muxer;
     let produced = 0;
+    let producedBytes = 0;
     let unpublished = 0;
     while (muxer.hasRxWork()) {
-      if (produced >= MAX_CHAINS_PER_VISIT) {
+      if (produced >= MAX_CHAINS_PER_VISIT || producedBytes >= RX_VISIT_BYTES) {
         this.#rxNeedsRun = true;
-        this.#reactor.wake();
+        this.#reactor.again();
         break;
       }
       const r = q.popOrArm(chain); // empty: notifications re-armed and re-checked
@@ -333,8 +344,9 @@ export class VsockDevice implements VirtioDevice {
       this.#rxSignal = true;
       this.stats.rxPackets += 1 + more;
       produced += 1 + more;
+      producedBytes += (1 + more) * chain.writableLen; // the buffers' size, as the scheduler counts
       unpublished += 1 + more;
-      if (unpublished >= RX_PUBLISH_CHAINS) {
+      if (unpublished >= RX_PUBLISH_CHAINS || muxer.scheduler.servedSparse) {
         unpublished = 0;
         this.#publish(q, rx.notifier);
         // A long rx visit (up to a ring's worth of bulk data) must not hold up what the
@@ -352,7 +364,7 @@ export class VsockDevice implements VirtioDevice {
     if (this.#txBlocked && !muxer.scheduler.orphansFull) {
       this.#txBlocked = false;
       this.#txNeedsRun = true;
-      this.#reactor.wake();
+      this.#reactor.again();
     }
   }
 

@@ -446,6 +446,7 @@ export class VsockMuxer implements ConnectionContext, DgramContext, SiblingEndpo
   fillRx(chain: DescChain): number {
     const orphan = this.scheduler.nextOrphan();
     if (orphan === undefined) return this.scheduler.fill(chain);
+    this.scheduler.servedSparse = false;
     const h = this.header;
     h.reset();
     h.srcCid = orphan.srcCid;

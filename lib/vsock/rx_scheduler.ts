@@ -165,8 +165,15 @@ export class RxScheduler {
   fill(chain: DescChain): number {
     const room = chain.writableLen - VIRTIO_VSOCK_HDR_SIZE;
     const len = this.#fillSparse(chain, room);
+    this.servedSparse = len >= 0;
     return len >= 0 ? len : this.#fillRoundRobin(chain, room);
   }
+
+  /**
+   * The last `fill` served a sparse flow (an interactive connection's message, say): the
+   * device publishes it at once rather than after the rest of its visit's bulk buffers.
+   */
+  servedSparse = false;
 
   /**
    * Serves the sparse queue in order. A sparse flow that used up its quantum, or has

@@ -5,7 +5,7 @@
  * test fails on the device as it was before the fix it covers.
  */
 import assert from "node:assert/strict";
-import { close, connectUnix, readRaw, writeRaw } from "../../ffi/mod.ts";
+import { close, writeRaw } from "../../ffi/mod.ts";
 import { log } from "../../lib/log.ts";
 import { DriverSplitQueue } from "../../lib/testing/driver_queue.ts";
 import { availEventOffset, compactRingLayout } from "../../lib/virtio/split_layout.ts";
@@ -15,84 +15,23 @@ import {
   VIRTIO_VSOCK_HDR_SIZE,
   VIRTIO_VSOCK_OP_CREDIT_REQUEST,
   VIRTIO_VSOCK_OP_CREDIT_UPDATE,
-  VIRTIO_VSOCK_OP_REQUEST,
-  VIRTIO_VSOCK_OP_RESPONSE,
   VIRTIO_VSOCK_OP_RST,
   VIRTIO_VSOCK_OP_RW,
-  VIRTIO_VSOCK_TYPE_STREAM,
   VSOCK_VQ_EVENT,
 } from "../../lib/vsock/constants.ts";
-import { PacketHeader } from "../../lib/vsock/packet.ts";
-import { InProcessVm, QUEUE_SIZE } from "./inprocess.ts";
+import { establishStream, InProcessGuest, InProcessVm, QUEUE_SIZE } from "./inprocess.ts";
 
-/** Guest memory the tests below use for their own buffers (inprocess.ts uses less). */
-const TX_AREA = 0x200000;
-const RX_AREA = 0x300000;
+/** Guest memory of the event-queue test (inprocess.ts and InProcessGuest use less). */
 const EVT_RING = 0x10000;
 const EVT_BUFS = 0x380000;
 
-class Guest {
-  #tx = TX_AREA;
-  #rx = RX_AREA;
-  constructor(readonly vm: InProcessVm) {}
-
-  /** Puts a packet on the tx ring and kicks. */
-  send(fields: Partial<PacketHeader>, payload = new Uint8Array(0)): void {
-    const h = Object.assign(new PacketHeader(), {
-      srcCid: this.vm.guestCid,
-      dstCid: 2,
-      type: VIRTIO_VSOCK_TYPE_STREAM,
-      bufAlloc: 256 * 1024,
-      ...fields,
-    });
-    h.len = payload.length;
-    const gpa = this.#tx;
-    this.#tx += VIRTIO_VSOCK_HDR_SIZE + payload.length + 64;
-    const mem = this.vm.mem.regions[0];
-    h.encodeTo(mem.view, gpa);
-    mem.bytes.set(payload, gpa + VIRTIO_VSOCK_HDR_SIZE);
-    this.vm.txDrv.addBuffer([{
-      gpa,
-      len: VIRTIO_VSOCK_HDR_SIZE + payload.length,
-      writable: false,
-    }]);
-    this.vm.txDrv.publish();
-    this.vm.device.queueKicked(1);
-  }
-
-  /** Posts `n` rx buffers of `size` writable bytes (no kick). */
-  postRx(size: number, n: number): void {
-    for (let i = 0; i < n; i++) {
-      this.vm.rxDrv.addBuffer([{ gpa: this.#rx, len: size, writable: true }]);
-      this.#rx += size + 64;
-    }
-    this.vm.rxDrv.publish();
-  }
-}
-
-/** A host app connected through CONNECT and accepted by the guest; returns its fd and port. */
-function establish(vm: InProcessVm, g: Guest, guestPort: number): { host: number; port: number } {
-  const host = connectUnix(vm.udsPath);
-  writeRaw(host, new TextEncoder().encode(`CONNECT ${guestPort}\n`));
-  g.postRx(4096, 1);
-  vm.run(4);
-  const [req] = vm.reapRx();
-  assert.equal(req.op, VIRTIO_VSOCK_OP_REQUEST);
-  g.send({ op: VIRTIO_VSOCK_OP_RESPONSE, srcPort: guestPort, dstPort: req.srcPort });
-  vm.run(2);
-  const ok = new Uint8Array(32);
-  const n = readRaw(host, ok);
-  assert.equal(new TextDecoder().decode(ok.subarray(0, n)), `OK ${req.srcPort}\n`);
-  return { host, port: req.srcPort };
-}
-
 Deno.test("header-only rx buffers: no livelock; control packets still use them, data waits", () => {
   const vm = new InProcessVm();
-  const g = new Guest(vm);
+  const g = new InProcessGuest(vm);
   try {
     vm.activate();
-    const a = establish(vm, g, 1234);
-    const b = establish(vm, g, 1235);
+    const a = establishStream(vm, g, 1234);
+    const b = establishStream(vm, g, 1235);
     writeRaw(a.host, new Uint8Array(1000).fill(1));
     writeRaw(b.host, new Uint8Array(1000).fill(2));
     // Buffers with room for a header and not one byte of payload, while both owe data.
@@ -118,7 +57,7 @@ Deno.test("header-only rx buffers: no livelock; control packets still use them, 
 
 Deno.test("orphan RSTs reach the guest in the order their packets came", () => {
   const vm = new InProcessVm();
-  const g = new Guest(vm);
+  const g = new InProcessGuest(vm);
   try {
     vm.activate();
     for (const port of [101, 102, 103, 104]) {

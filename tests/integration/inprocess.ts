@@ -5,8 +5,20 @@
  * device's `PackedQueue`: VIRTIO_F_RING_PACKED), with a hook on every device write
  * to guest memory. Everything runs on the test's thread, so a test can stop the
  * device between two of its own steps and interleave guest actions exactly there.
+ * `InProcessGuest` writes packets by hand; `establishStream` opens a host-initiated stream
+ * through it.
  */
-import { close, type Mapping, mapShared, memfdCreate, unmap } from "../../ffi/mod.ts";
+import assert from "node:assert/strict";
+import {
+  close,
+  connectUnix,
+  type Mapping,
+  mapShared,
+  memfdCreate,
+  readRaw,
+  unmap,
+  writeRaw,
+} from "../../ffi/mod.ts";
 import { Reactor } from "../../lib/reactor.ts";
 import { VsockDevice } from "../../lib/vsock/device.ts";
 import { findRegion, type GuestMemory, type MemRegion } from "../../lib/virtio/memory.ts";
@@ -17,7 +29,12 @@ import { compactPackedRingLayout, PACKED_EVENT_OFF_WRAP } from "../../lib/virtio
 import { DriverSplitQueue } from "../../lib/testing/driver_queue.ts";
 import { DriverPackedQueue } from "../../lib/testing/driver_packed_queue.ts";
 import { PacketHeader } from "../../lib/vsock/packet.ts";
-import { VIRTIO_VSOCK_HDR_SIZE } from "../../lib/vsock/constants.ts";
+import {
+  VIRTIO_VSOCK_HDR_SIZE,
+  VIRTIO_VSOCK_OP_REQUEST,
+  VIRTIO_VSOCK_OP_RESPONSE,
+  VIRTIO_VSOCK_TYPE_STREAM,
+} from "../../lib/vsock/constants.ts";
 import {
   VIRTIO_F_RING_PACKED_MASK,
   VIRTIO_F_VERSION_1_MASK,
@@ -153,13 +170,17 @@ export class InProcessVm<P extends boolean = false> {
     this.device.queueKicked(1);
   }
 
+  /** Adds one rx buffer of `len` writable bytes at `gpa` (published by the caller). */
+  addRxBuffer(gpa: number, len: number): void {
+    const id = this.rxDrv.addBuffer([{ gpa, len, writable: true }]);
+    if (this.packed) this.#bufs.set(id, gpa);
+  }
+
   /** Posts `n` RX buffers; returns whether the device asked for a kick (not delivered). */
   postRxBuffers(n: number): boolean {
     for (let i = 0; i < n; i++) {
-      const gpa = this.#nextBuf;
+      this.addRxBuffer(this.#nextBuf, BUF_SIZE);
       this.#nextBuf += BUF_SIZE + 12;
-      const id = this.rxDrv.addBuffer([{ gpa, len: BUF_SIZE, writable: true }]);
-      if (this.packed) this.#bufs.set(id, gpa);
     }
     this.rxDrv.publish();
     return this.rxDrv.kickNeeded();
@@ -202,4 +223,68 @@ export class InProcessVm<P extends boolean = false> {
     this.mem.dispose();
     Deno.removeSync(this.dir, { recursive: true });
   }
+}
+
+/** Guest memory InProcessGuest takes its packets and buffers from (above the rings'). */
+const TX_AREA = 0x200000;
+const RX_AREA = 0x300000;
+
+/** A guest written by hand: packets on the tx ring, rx buffers of any size. */
+export class InProcessGuest {
+  #tx = TX_AREA;
+  #rx = RX_AREA;
+  constructor(readonly vm: InProcessVm<boolean>) {}
+
+  /** Puts a packet on the tx ring and kicks. */
+  send(fields: Partial<PacketHeader>, payload = new Uint8Array(0)): void {
+    const h = Object.assign(new PacketHeader(), {
+      srcCid: this.vm.guestCid,
+      dstCid: 2,
+      type: VIRTIO_VSOCK_TYPE_STREAM,
+      bufAlloc: 256 * 1024,
+      ...fields,
+    });
+    h.len = payload.length;
+    const gpa = this.#tx;
+    this.#tx += VIRTIO_VSOCK_HDR_SIZE + payload.length + 64;
+    const mem = this.vm.mem.regions[0];
+    h.encodeTo(mem.view, gpa);
+    mem.bytes.set(payload, gpa + VIRTIO_VSOCK_HDR_SIZE);
+    this.vm.txDrv.addBuffer([{
+      gpa,
+      len: VIRTIO_VSOCK_HDR_SIZE + payload.length,
+      writable: false,
+    }]);
+    this.vm.txDrv.publish();
+    this.vm.device.queueKicked(1);
+  }
+
+  /** Posts `n` rx buffers of `size` writable bytes (no kick). */
+  postRx(size: number, n: number): void {
+    for (let i = 0; i < n; i++) {
+      this.vm.addRxBuffer(this.#rx, size);
+      this.#rx += size + 64;
+    }
+    this.vm.rxDrv.publish();
+  }
+}
+
+/** A host app connected through CONNECT and accepted by the guest; returns its fd and port. */
+export function establishStream(
+  vm: InProcessVm<boolean>,
+  g: InProcessGuest,
+  guestPort: number,
+): { host: number; port: number } {
+  const host = connectUnix(vm.udsPath);
+  writeRaw(host, new TextEncoder().encode(`CONNECT ${guestPort}\n`));
+  g.postRx(4096, 1);
+  vm.run(4);
+  const [req] = vm.reapRx();
+  assert.equal(req.op, VIRTIO_VSOCK_OP_REQUEST);
+  g.send({ op: VIRTIO_VSOCK_OP_RESPONSE, srcPort: guestPort, dstPort: req.srcPort });
+  vm.run(2);
+  const ok = new Uint8Array(32);
+  const n = readRaw(host, ok);
+  assert.equal(new TextDecoder().decode(ok.subarray(0, n)), `OK ${req.srcPort}\n`);
+  return { host, port: req.srcPort };
 }

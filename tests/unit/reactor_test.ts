@@ -1,4 +1,4 @@
-/** The reactor: fd handlers, timers (order, cancel), wakeups, batch-end hooks, errors. */
+/** The reactor: fd handlers, timers (order, cancel), wakeups, again(), batch-end hooks, errors. */
 import assert from "node:assert/strict";
 import { close, EPOLLIN, eventFd, eventFdRead, eventFdWrite } from "../../ffi/mod.ts";
 import { Reactor } from "../../lib/reactor.ts";
@@ -93,4 +93,27 @@ Deno.test("reactor: with pollUs it keeps polling after activity instead of sleep
   const polling = spins(20_000);
   assert.ok(sleeping <= 4, `without polling the loop slept: ${sleeping} batches`);
   assert.ok(polling > 100, `with polling the loop kept asking epoll: ${polling} batches`);
+});
+
+Deno.test("reactor: again() makes the next batch not sleep, once, and its hooks run", () => {
+  const r = new Reactor();
+  let hooks = 0;
+  const hook = () => {
+    // A hook that stopped with work left asks for one more batch, the first time only.
+    if (hooks++ === 0) r.again();
+  };
+  try {
+    r.onBatchEnd(hook);
+    r.runOnce(0);
+    const t0 = performance.now();
+    assert.equal(r.runOnce(2000), 0, "no fd was ready");
+    assert.ok(performance.now() - t0 < 500, "the batch after again() did not sleep");
+    assert.equal(hooks, 2);
+    const t1 = performance.now();
+    r.runOnce(60);
+    assert.ok(performance.now() - t1 >= 50, "without again() the next batch sleeps again");
+  } finally {
+    r.offBatchEnd(hook);
+    r.close();
+  }
 });

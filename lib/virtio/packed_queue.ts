@@ -89,6 +89,7 @@ import {
   POP_CHAIN,
   POP_EMPTY,
   POP_INVALID,
+  popOrArm,
   type PopResult,
   QueueError,
   ringPart,
@@ -281,14 +282,9 @@ export class PackedQueue implements VirtQueue {
     return this.broken !== null || !this.#nextAvailable();
   }
 
-  /** See `VirtQueue.popOrArm` ("enable notification, then re-check"). */
+  /** See `popOrArm` in virtqueue.ts ("enable notification, then re-check"). */
   popOrArm(chain: DescChain): PopResult {
-    for (;;) {
-      const r = this.pop(chain);
-      if (r !== POP_EMPTY || this.broken !== null) return r;
-      if (!this.enableNotification()) return POP_EMPTY;
-      this.disableNotification();
-    }
+    return popOrArm(this, chain);
   }
 
   /**

@@ -87,6 +87,7 @@ import {
   POP_CHAIN,
   POP_EMPTY,
   POP_INVALID,
+  popOrArm,
   type PopResult,
   QueueError,
   ringPart,
@@ -259,19 +260,9 @@ export class SplitQueue implements VirtQueue {
     return this.availableCount() === 0;
   }
 
-  /**
-   * Pops the next chain; when the ring is empty, enables notifications and re-checks
-   * before reporting POP_EMPTY ("enable notification, then re-check": the driver may have added buffers between the
-   * empty check and the enable, seeing notifications off, and will not kick). POP_EMPTY
-   * therefore means "armed: the next buffer comes with a kick".
-   */
+  /** See `popOrArm` in virtqueue.ts ("enable notification, then re-check"). */
   popOrArm(chain: DescChain): PopResult {
-    for (;;) {
-      const r = this.pop(chain);
-      if (r !== POP_EMPTY || this.broken !== null) return r;
-      if (!this.enableNotification()) return POP_EMPTY;
-      this.disableNotification();
-    }
+    return popOrArm(this, chain);
   }
 
   /**

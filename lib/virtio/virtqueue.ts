@@ -197,3 +197,19 @@ export function ringWords(
   if (byteOffset % 2 !== 0) throw new QueueError(`${what} is not 2-byte aligned in host memory`);
   return new Uint16Array(bytes.buffer, byteOffset, count);
 }
+
+/**
+ * `q.pop`; when the ring is empty, enables notifications and re-checks before reporting
+ * POP_EMPTY ("enable notification, then re-check": the driver may have added buffers between
+ * the empty check and the enable, seeing notifications off, and will not kick). POP_EMPTY
+ * therefore means "armed: the next buffer comes with a kick". The one implementation of
+ * `VirtQueue.popOrArm`, for split and packed rings alike.
+ */
+export function popOrArm(q: VirtQueue, chain: DescChain): PopResult {
+  for (;;) {
+    const r = q.pop(chain);
+    if (r !== POP_EMPTY || q.broken !== null) return r;
+    if (!q.enableNotification()) return POP_EMPTY;
+    q.disableNotification();
+  }
+}

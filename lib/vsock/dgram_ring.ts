@@ -4,8 +4,8 @@
  *
  * Datagrams are copied into one preallocated byte ring, each one contiguous (a datagram that
  * would run past the end of the storage starts again at its beginning), so queueing a
- * datagram allocates nothing: under a flood of tens of thousands of datagrams per second a
- * copy per datagram into a fresh buffer kept the garbage collector busy. The storage starts
+ * datagram allocates no buffer (a flood of tens of thousands of datagrams per second used to
+ * cost as many fresh buffers, each a copy). The storage starts
  * small (INITIAL_CAPACITY, so a quiet flow costs little) and doubles, datagrams moved to its
  * front, when a datagram does not fit, up to `maxCapacity`. So the ring is bounded twice: at
  * most `maxPackets` datagrams, and whatever fits `maxCapacity` bytes (the unused tail a

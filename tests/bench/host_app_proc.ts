@@ -248,12 +248,13 @@ function pingpong(msg: Command, emit: EmitFn) {
   const out = chunkAt(pattern, 0, 0, size).slice(); // stamped below: not the shared pattern
   const back = new Uint8Array(size);
   const rtt = new Float64Array(maxIterations);
-  // The legs of each round trip, when the echo stamps (see stream_clock.ts); NaN otherwise.
+  // The legs of each round trip (us), when the echo stamps them (see stream_clock.ts).
   const stamped = size === PING_STAMPED_SIZE;
   const backView = new DataView(back.buffer);
-  const legs = [new Float64Array(maxIterations), new Float64Array(maxIterations)];
-  const beforeInGuest = new Float64Array(maxIterations);
+  const toGuest = new Float64Array(maxIterations);
+  const guestBefore = new Float64Array(maxIterations);
   const inGuest = new Float64Array(maxIterations);
+  const toHost = new Float64Array(maxIterations);
   let legged = 0;
   const cpu0 = cpuSeconds();
   const t0 = now();
@@ -283,10 +284,10 @@ function pingpong(msg: Command, emit: EmitFn) {
       const echoed = stamped ? backView.getFloat64(PING_STAMP_ECHOED, true) : 0;
       if (arrived > 0 && echoed > 0) {
         const sent = backView.getFloat64(PING_STAMP_SENT, true);
-        legs[0][legged] = (arrived - sent) * 1000;
-        beforeInGuest[legged] = (arrived - backView.getFloat64(PING_STAMP_PUMPED, true)) * 1000;
+        toGuest[legged] = (arrived - sent) * 1000;
+        guestBefore[legged] = (arrived - backView.getFloat64(PING_STAMP_PUMPED, true)) * 1000;
         inGuest[legged] = (echoed - arrived) * 1000;
-        legs[1][legged] = (now() - echoed) * 1000;
+        toHost[legged] = (now() - echoed) * 1000;
         legged++;
       }
     }
@@ -303,10 +304,10 @@ function pingpong(msg: Command, emit: EmitFn) {
   for (const x of measured) sum += x;
   // Only a full set: an echo that stamped some round trips and not others is not split.
   const split = legged === 0 || legged !== iterations ? null : {
-    hostToGuest: legPercentiles(legs[0].subarray(0, legged)),
-    guestBefore: legPercentiles(beforeInGuest.subarray(0, legged)),
+    hostToGuest: legPercentiles(toGuest.subarray(0, legged)),
+    guestBefore: legPercentiles(guestBefore.subarray(0, legged)),
     inGuest: legPercentiles(inGuest.subarray(0, legged)),
-    guestToHost: legPercentiles(legs[1].subarray(0, legged)),
+    guestToHost: legPercentiles(toHost.subarray(0, legged)),
   };
   return {
     p50: pct(0.5),

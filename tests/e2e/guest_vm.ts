@@ -106,6 +106,18 @@ function isFile(path: string): boolean {
 }
 
 /**
+ * Whether the e2e tests of `what` are skipped: something in `missing` (defaults to
+ * `missingPrerequisites()`) is absent and neither CI nor E2E_REQUIRED is set (then they run,
+ * and fail). Says so on stderr when skipping.
+ */
+export function skipE2e(what: string, missing = missingPrerequisites()): boolean {
+  const required = Boolean(Deno.env.get("CI") || Deno.env.get("E2E_REQUIRED"));
+  const skip = missing.length > 0 && !required;
+  if (skip) console.warn(`e2e ${what}: skipped, missing ${missing.join(", ")}`);
+  return skip;
+}
+
+/**
  * What the harness needs on the host; `[]` when everything is there. Synchronous so that
  * `Deno.test({ ignore })` can use it.
  */

@@ -9,14 +9,9 @@
  * Skipped when QEMU or the guest kernel is missing, unless CI or E2E_REQUIRED is set.
  */
 import assert from "node:assert/strict";
-import { GuestVM, missingPrerequisites } from "./guest_vm.ts";
+import { GuestVM, skipE2e } from "./guest_vm.ts";
 
-const missing = missingPrerequisites();
-const required = Boolean(Deno.env.get("CI") || Deno.env.get("E2E_REQUIRED"));
-const ignore = missing.length > 0 && !required;
-if (ignore) {
-  console.warn(`e2e guest tests skipped: missing ${missing.join(", ")}`);
-}
+const ignore = skipE2e("guest tests");
 
 /** VHOST_USER_GET_FEATURES, the first request QEMU sends. */
 const VHOST_USER_GET_FEATURES = 1;

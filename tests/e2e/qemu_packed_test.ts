@@ -9,7 +9,7 @@
  * counter 1) and moves data again.
  */
 import assert from "node:assert/strict";
-import { GuestVM, missingPrerequisites } from "./guest_vm.ts";
+import { GuestVM, skipE2e } from "./guest_vm.ts";
 import { BackendProcess } from "./backend.ts";
 import {
   BOOT_TIMEOUT_MS,
@@ -22,10 +22,7 @@ import {
 import { echoThroughGuest, guestToHostFile } from "./transfers.ts";
 import { VIRTIO_F_RING_PACKED } from "../../lib/virtio/features.ts";
 
-const missing = missingPrerequisites();
-const required = Boolean(Deno.env.get("CI") || Deno.env.get("E2E_REQUIRED"));
-const ignore = missing.length > 0 && !required;
-if (ignore) console.warn(`e2e packed: skipped, missing ${missing.join(", ")}`);
+const ignore = skipE2e("packed rings");
 
 const GUEST_CID = 3;
 const MiB = 1024 * 1024;

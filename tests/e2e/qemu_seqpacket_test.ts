@@ -22,7 +22,7 @@
  */
 import assert from "node:assert/strict";
 import { VSOCK_HOST_CID as VMADDR_CID_HOST } from "../../lib/vsock/constants.ts";
-import { ensureGuestImage, GuestVM, missingPrerequisites } from "./guest_vm.ts";
+import { ensureGuestImage, GuestVM, missingPrerequisites, skipE2e } from "./guest_vm.ts";
 import { BackendProcess, type SiblingVm } from "./backend.ts";
 import {
   BOOT_TIMEOUT_MS,
@@ -67,9 +67,7 @@ function vsockSeqUnbuildable(): string | null {
 const missing = missingPrerequisites();
 const noHelper = vsockSeqUnbuildable();
 if (noHelper !== null) missing.push(`vsock_seq: ${noHelper}`);
-const required = Boolean(Deno.env.get("CI") || Deno.env.get("E2E_REQUIRED"));
-const ignore = missing.length > 0 && !required;
-if (ignore) console.warn(`e2e seqpacket tests skipped: missing ${missing.join(", ")}`);
+const ignore = skipE2e("seqpacket tests", missing);
 
 /** Builds the image; fails clearly when vsock_seq did not make it into it. */
 async function guestImage(): Promise<void> {

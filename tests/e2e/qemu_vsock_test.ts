@@ -25,7 +25,7 @@
  */
 import assert from "node:assert/strict";
 import { VSOCK_HOST_CID as VMADDR_CID_HOST } from "../../lib/vsock/constants.ts";
-import { ensureGuestImage, GuestVM, missingPrerequisites } from "./guest_vm.ts";
+import { ensureGuestImage, GuestVM, skipE2e } from "./guest_vm.ts";
 import { BackendProcess } from "./backend.ts";
 import { concat } from "../../lib/testing/bytes.ts";
 import {
@@ -58,10 +58,7 @@ import {
 } from "./host_side.ts";
 import { echoThroughGuest, guestToHostFile } from "./transfers.ts";
 
-const missing = missingPrerequisites();
-const required = Boolean(Deno.env.get("CI") || Deno.env.get("E2E_REQUIRED"));
-const ignore = missing.length > 0 && !required;
-if (ignore) console.warn(`e2e vsock tests skipped: missing ${missing.join(", ")}`);
+const ignore = skipE2e("vsock tests");
 
 const GUEST_CID = 3;
 const MiB = 1024 * 1024;
